@@ -1,0 +1,54 @@
+# The front door: `make demo` runs ledgerflow on a real example, `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install up down db-init demo fmt lint typecheck test test-unit check clean
+
+install: $(VENV)/.installed  ## create .venv and install ledgerflow with its dev tools
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check hatchling editables
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[dev]'
+	@touch $@
+
+up:  ## make sure PostgreSQL and nats-server answer (start private ones if not)
+	@bash ops/up.sh
+
+down:  ## stop only what `make up` started
+	@bash ops/down.sh
+
+db-init: install up  ## create the database and the event-store tables
+	$(BIN)/ledgerflow db init
+
+demo: db-init  ## run the example workflow through the domain against PostgreSQL
+	$(BIN)/python examples/domain_tour.py
+
+fmt: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+# pytest's exit 5 means no test ran: that is a failure here, never a pass.
+test: install up  ## every test: unit, property, integration (real PostgreSQL and NATS)
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no tests: failing" >&2; exit 1; fi; exit $$rc
+
+test-unit: install  ## the fast tests only (no servers needed)
+	@$(BIN)/pytest tests/unit tests/property $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no tests: failing" >&2; exit 1; fi; exit $$rc
+
+check: lint typecheck test  ## lint, types and tests: green before every commit
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""The pure domain of ledgerflow: aggregates, events, value objects and errors (no I/O)."""

@@ -1,0 +1,1 @@
+"""Runnable examples used by the README, the tests and the benchmarks."""

@@ -1,0 +1,1 @@
+"""PostgreSQL adapters: connection settings and schema management."""

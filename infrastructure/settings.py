@@ -1,0 +1,33 @@
+"""Settings from LEDGERFLOW_* environment variables, with defaults for a developer machine."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LEDGERFLOW_", extra="ignore", frozen=True)
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/ledgerflow"
+    """``postgresql://user:password@host:port/dbname``, or ``memory://`` for a throw-away store."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    subject_prefix: str = Field(
+        default="ledgerflow", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+    )
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=1, le=65535)
+    db_pool_size: int = Field(default=5, ge=1, le=200)
+    db_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("postgresql://", "postgres://", "memory://")):
+            raise ValueError("database_url must start with postgresql:// or memory://")
+        return url
+
+    @property
+    def uses_postgres(self) -> bool:
+        return not self.database_url.startswith("memory://")

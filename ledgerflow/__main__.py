@@ -1,0 +1,5 @@
+"""``python -m ledgerflow`` runs the CLI."""
+
+from ledgerflow.cli import main
+
+main()

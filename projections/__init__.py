@@ -1,0 +1,1 @@
+"""Read-model projections: event -> row decisions and view interfaces (no driver code)."""

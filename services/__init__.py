@@ -1,0 +1,1 @@
+"""Application services: command handlers over the event store (process managers come later)."""

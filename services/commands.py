@@ -1,0 +1,165 @@
+"""Commands: imperative, pydantic-validated requests that the WorkflowRuns service handles."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from domain.values import MAX_SECONDS, Concurrency, RetryPolicy, Timeouts
+
+JSONValue = Any
+
+
+class Command(BaseModel):
+    """Every command may carry a ``command_id``.
+
+    The command service (the NATS/HTTP edge) records it durably with the events it caused
+    and answers a repeat with the first reply; the handlers here do not see it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class RunCommand(Command):
+    run_id: UUID
+
+
+# ---------------------------------------------------------------- client-facing commands
+class StartRun(Command):
+    workflow: str = Field(min_length=1, max_length=200)
+    input: JSONValue = None
+    key: str | None = Field(default=None, min_length=1, max_length=500)
+
+
+class SendEvent(Command):
+    name: str = Field(min_length=1, max_length=200)
+    data: dict[str, JSONValue] = Field(default_factory=dict)
+    id: str | None = Field(default=None, min_length=1, max_length=500)
+
+
+class CancelRun(RunCommand):
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class RetryRun(RunCommand):
+    pass
+
+
+# ---------------------------------------------------------------- worker-side commands
+class RegisterWorkflow(Command):
+    name: str = Field(min_length=1, max_length=200)
+    triggers: list[str] = Field(default_factory=list)
+    retry_policy: RetryPolicy | None = None
+    timeouts: Timeouts | None = None
+    concurrency: Concurrency | None = None
+    queue: str = "default"
+    worker_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class StartStep(RunCommand):
+    step: str = Field(min_length=1, max_length=200)
+    attempt: int = Field(ge=1)
+    retry_policy: RetryPolicy | None = None
+
+
+class CompleteStep(RunCommand):
+    step: str = Field(min_length=1, max_length=200)
+    attempt: int = Field(ge=1)
+    output: JSONValue = None
+    compensable: bool = False
+
+
+class StepError(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    type: str = Field(min_length=1, max_length=200)
+    message: str = Field(max_length=100_000)
+
+
+class FailStep(RunCommand):
+    step: str = Field(min_length=1, max_length=200)
+    attempt: int = Field(ge=1)
+    error: StepError
+    retryable: bool = True
+
+
+class StartSleep(RunCommand):
+    name: str = Field(min_length=1, max_length=200)
+    seconds: float | None = Field(default=None, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
+    until: datetime | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StartSleep:
+        if (self.seconds is None) == (self.until is None):
+            raise ValueError("give exactly one of 'seconds' and 'until'")
+        if self.until is not None and self.until.tzinfo is None:
+            raise ValueError("'until' must carry a time zone")
+        return self
+
+
+class FireTimer(RunCommand):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class StartWait(RunCommand):
+    name: str = Field(min_length=1, max_length=200)
+    event_name: str = Field(min_length=1, max_length=200)
+    match: dict[str, JSONValue] = Field(default_factory=dict)
+    timeout_seconds: float | None = Field(default=None, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
+
+
+class DeliverEvent(RunCommand):
+    """Wake a run's wait with an inbound event (the event router sends this)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    event_id: UUID
+
+
+class TimeOutWait(RunCommand):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class StartChild(RunCommand):
+    name: str = Field(min_length=1, max_length=200)
+    workflow: str = Field(min_length=1, max_length=200)
+    input: JSONValue = None
+
+
+class ResolveChild(RunCommand):
+    """Resume a parent with the outcome of its ended child run."""
+
+    name: str = Field(min_length=1, max_length=200)
+
+
+class EmitEvent(RunCommand):
+    """A run sends an event (``ctx.send_event``): recorded once, then routed like any other."""
+
+    name: str = Field(min_length=1, max_length=200)
+    event_name: str = Field(min_length=1, max_length=200)
+    data: dict[str, JSONValue] = Field(default_factory=dict)
+
+
+class CompleteRun(RunCommand):
+    output: JSONValue = None
+
+
+class FailRun(RunCommand):
+    error: StepError
+
+
+class TimeOutRun(RunCommand):
+    pass
+
+
+class CompensateStep(RunCommand):
+    step: str = Field(min_length=1, max_length=200)
+
+
+RunStatusName = Literal[
+    "queued", "running", "sleeping", "waiting", "compensating", "completed", "failed", "cancelled"
+]

@@ -1,0 +1,1 @@
+"""The ledgerflow test suites."""

@@ -1,0 +1,1 @@
+"""Integration tests: real PostgreSQL and nats-server, never mocks."""
