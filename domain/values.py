@@ -71,17 +71,7 @@ class RetryPolicy:
 
     def base_delay(self, attempt: int) -> timedelta:
         """The delay before the attempt after failed ``attempt`` (1-based), without jitter."""
-        if attempt < 1:
-            raise InvalidCommandError("attempt numbers start at 1")
-        if self.initial_interval == 0:
-            return timedelta(0)
-        # Once past the cap, more attempts cannot lower the delay: stop before overflowing.
-        exponent = min(attempt - 1, 1024)
-        try:
-            seconds = self.initial_interval * self.backoff_coefficient**exponent
-        except OverflowError:
-            seconds = math.inf
-        return timedelta(seconds=min(seconds, self.max_interval))
+        return _at_most(self._base_seconds(attempt))
 
     def next_delay(self, attempt: int, rand: float = 0.5) -> timedelta:
         """The delay after failed ``attempt``; ``rand`` in [0, 1] picks the jitter.
@@ -91,9 +81,21 @@ class RetryPolicy:
         """
         if not 0 <= rand <= 1:
             raise InvalidCommandError("rand must be between 0 and 1")
-        base = self.base_delay(attempt).total_seconds()
-        seconds = base * (1 + self.jitter * (2 * rand - 1))
-        return timedelta(seconds=max(0.0, min(seconds, self.max_interval)))
+        seconds = self._base_seconds(attempt) * (1 + self.jitter * (2 * rand - 1))
+        return _at_most(max(0.0, min(seconds, self.max_interval)))
+
+    def _base_seconds(self, attempt: int) -> float:
+        if attempt < 1:
+            raise InvalidCommandError("attempt numbers start at 1")
+        if self.initial_interval == 0:
+            return 0.0
+        # Once past the cap, more attempts cannot lower the delay: stop before overflowing.
+        exponent = min(attempt - 1, 1024)
+        try:
+            seconds = self.initial_interval * self.backoff_coefficient**exponent
+        except OverflowError:
+            seconds = math.inf
+        return min(seconds, self.max_interval)
 
     def is_retryable(self, error_type: str) -> bool:
         return error_type not in self.non_retryable_error_types
@@ -168,6 +170,11 @@ class Concurrency:
             return cls(**data)
         except TypeError as e:
             raise InvalidPolicyError(f"invalid concurrency: {e}") from None
+
+
+def _at_most(seconds: float) -> timedelta:
+    """``seconds`` as a timedelta, rounded down (timedelta rounds to nearest otherwise)."""
+    return timedelta(microseconds=math.floor(seconds * 1_000_000))
 
 
 def _count(value: object) -> bool:
