@@ -7,7 +7,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate, event
 
 from domain.errors import InvalidCommandError
-from domain.values import JSON, check_name, check_step_name
+from domain.values import JSON, check_key, check_name, check_step_name
 
 
 class InboundEvent(Aggregate):
@@ -39,8 +39,7 @@ class InboundEvent(Aggregate):
         check_name("event", name)
         if not isinstance(data, dict):
             raise InvalidCommandError("event data must be a JSON object")
-        if external_id is not None and (not external_id or len(external_id) > 500):
-            raise InvalidCommandError("event id must be a non-empty string of at most 500 chars")
+        check_key("event id", external_id)
         return cls._create(
             cls.Received,
             id=event_id,

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from domain.errors import InvalidCommandError, InvalidPolicyError
 
@@ -30,6 +30,16 @@ def check_name(kind: str, name: str) -> str:
             "letters, digits, '_', '.', '-' (at most 200 characters)"
         )
     return name
+
+
+MAX_KEY = 500
+
+
+def check_key(kind: str, key: str | None) -> str | None:
+    """Idempotency keys and external ids: absent, or a non-empty string of bounded size."""
+    if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_KEY):
+        raise InvalidCommandError(f"{kind} must be a non-empty string of at most {MAX_KEY} chars")
+    return key
 
 
 def check_step_name(kind: str, name: str) -> str:
@@ -110,15 +120,8 @@ class RetryPolicy:
 
     @classmethod
     def from_json(cls, data: dict[str, JSON]) -> RetryPolicy:
-        try:
-            return cls(
-                **{
-                    **data,
-                    "non_retryable_error_types": tuple(data.get("non_retryable_error_types", ())),
-                }
-            )
-        except TypeError as e:
-            raise InvalidPolicyError(f"invalid retry policy: {e}") from None
+        types = tuple(data.get("non_retryable_error_types", ()))
+        return _from_json(cls, {**data, "non_retryable_error_types": types})
 
 
 @dataclass(frozen=True)
@@ -133,17 +136,16 @@ class Timeouts:
         for name in ("run", "step", "heartbeat"):
             value = getattr(self, name)
             if value is not None and (not _seconds(value) or value <= 0):
-                raise InvalidPolicyError(f"timeout {name} must be 0..{MAX_SECONDS:.0f} seconds")
+                raise InvalidPolicyError(
+                    f"timeout {name} must be above 0 and at most {MAX_SECONDS:.0f} seconds"
+                )
 
     def to_json(self) -> dict[str, JSON]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, JSON]) -> Timeouts:
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise InvalidPolicyError(f"invalid timeouts: {e}") from None
+        return _from_json(cls, data)
 
 
 @dataclass(frozen=True)
@@ -166,10 +168,17 @@ class Concurrency:
 
     @classmethod
     def from_json(cls, data: dict[str, JSON]) -> Concurrency:
-        try:
-            return cls(**data)
-        except TypeError as e:
-            raise InvalidPolicyError(f"invalid concurrency: {e}") from None
+        return _from_json(cls, data)
+
+
+V = TypeVar("V")
+
+
+def _from_json(cls: type[V], data: dict[str, JSON]) -> V:
+    try:
+        return cls(**data)
+    except TypeError as e:  # unknown or missing fields
+        raise InvalidPolicyError(f"invalid {cls.__name__}: {e}") from None
 
 
 def _at_most(seconds: float) -> timedelta:

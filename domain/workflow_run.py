@@ -21,7 +21,14 @@ from domain.errors import (
     StepNotFoundError,
 )
 from domain.ids import inbound_event_id, sent_event_id
-from domain.values import JSON, RetryPolicy, Timeouts, check_name, check_step_name
+from domain.values import (
+    JSON,
+    RetryPolicy,
+    Timeouts,
+    check_key,
+    check_name,
+    check_step_name,
+)
 
 
 class RunStatus(StrEnum):
@@ -248,8 +255,7 @@ class WorkflowRun(Aggregate):
         triggered_by: UUID | None = None,
     ) -> WorkflowRun:
         check_name("workflow", workflow)
-        if key is not None and (not isinstance(key, str) or not key or len(key) > 500):
-            raise InvalidCommandError("key must be a non-empty string of at most 500 characters")
+        check_key("key", key)
         if (parent_run_id is None) != (parent_step is None):
             raise InvalidCommandError("a child run needs both parent_run_id and parent_step")
         return cls._create(

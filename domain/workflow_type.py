@@ -8,6 +8,7 @@ from eventsourcing.domain import Aggregate, event
 
 from domain.errors import InvalidCommandError
 from domain.values import JSON, Concurrency, RetryPolicy, Timeouts, check_name
+from domain.workflow_run import WorkflowRun
 
 MAX_TRIGGERS = 50
 
@@ -98,6 +99,26 @@ class WorkflowType(Aggregate):
     @event(WorkerLeft)
     def _worker_left(self, worker_id: str) -> None:
         self.workers.discard(worker_id)
+
+    def new_run(
+        self,
+        run_id: UUID,
+        input: JSON,
+        key: str | None = None,
+        parent_run_id: UUID | None = None,
+        parent_step: str | None = None,
+    ) -> WorkflowRun:
+        """A run of this workflow, under the workflow's retry policy and timeouts."""
+        return WorkflowRun.start(
+            run_id,
+            self.name,
+            input,
+            key=key,
+            retry_policy=self.retry_policy,
+            timeouts=self.timeouts,
+            parent_run_id=parent_run_id,
+            parent_step=parent_step,
+        )
 
     @property
     def triggers(self) -> list[str]:

@@ -90,14 +90,7 @@ class WorkflowRuns(Application[UUID]):
         def attempt() -> RunStartedReply:
             if cmd.key is not None and self._exists(run_id):
                 return RunStartedReply(self._head(), run_id, created=False)
-            run = WorkflowRun.start(
-                run_id,
-                cmd.workflow,
-                cmd.input,
-                key=cmd.key,
-                retry_policy=workflow.retry_policy,
-                timeouts=workflow.timeouts,
-            )
+            run = workflow.new_run(run_id, cmd.input, key=cmd.key)
             return RunStartedReply(self._save(run), run_id, created=True)
 
         return self._retrying(attempt)
@@ -217,14 +210,8 @@ class WorkflowRuns(Application[UUID]):
             parent.start_child(cmd.name, child_id, cmd.workflow)
             child = None
             if not self._exists(child_id):
-                child = WorkflowRun.start(
-                    child_id,
-                    cmd.workflow,
-                    cmd.input,
-                    retry_policy=workflow.retry_policy,
-                    timeouts=workflow.timeouts,
-                    parent_run_id=parent.id,
-                    parent_step=cmd.name,
+                child = workflow.new_run(
+                    child_id, cmd.input, parent_run_id=parent.id, parent_step=cmd.name
                 )
             return Applied(self._save(parent, child))
 
