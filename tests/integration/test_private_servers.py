@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import nats
 import psycopg
@@ -15,26 +16,28 @@ from tests.support.servers import MissingBinaryError, PrivateNats, PrivatePostgr
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
-@pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
+_Server = TypeVar("_Server", PrivatePostgres, PrivateNats)
+
+
+def _running(server_class: type[_Server], base_dir: Path) -> Iterator[_Server]:
+    """Yield a started server (skip the test if it isn't installed); stopped afterwards."""
     try:
-        server = PrivatePostgres(tmp_path / "postgres")
+        server = server_class(base_dir)
     except MissingBinaryError as exc:
         pytest.skip(str(exc))
     with server:
         yield server
     assert not server.is_running
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
+    yield from _running(PrivatePostgres, tmp_path / "postgres")
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[PrivateNats]:
-    try:
-        server = PrivateNats(tmp_path / "nats")
-    except MissingBinaryError as exc:
-        pytest.skip(str(exc))
-    with server:
-        yield server
-    assert not server.is_running
+    yield from _running(PrivateNats, tmp_path / "nats")
 
 
 def test_free_port_is_bindable() -> None:

@@ -12,10 +12,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Literal, Self
+from typing import IO, ClassVar, Literal, Self
 
 __all__ = [
     "MissingBinaryError",
@@ -197,20 +198,24 @@ def _postgres_account() -> pwd.struct_passwd:
         ) from None
 
 
-class PrivatePostgres:
-    """A PostgreSQL server of its own: fresh cluster, free port on 127.0.0.1, trust auth.
+class _PrivateServer(ABC):
+    """One server process of its own on a free port of 127.0.0.1, with a throw-away work dir.
 
-    Use as a context manager: entering starts it, leaving stops it and deletes its data. The
-    log stays in ``base_dir``. When running as root the server runs as the ``postgres`` user,
-    with its data in a directory made with :mod:`tempfile` (``base_dir`` may not be reachable
-    by that user). Durability settings are PostgreSQL's defaults (fsync on): tests kill it.
+    Subclasses say how to prepare the work dir, the command line, and when the server answers;
+    this class starts, stops, kills and cleans up. Use as a context manager: entering starts
+    it, leaving stops it and deletes its work dir. The log stays in ``base_dir``.
     """
+
+    _name: ClassVar[str]
+    """Prefix of the log file and work dir names."""
+    _program: ClassVar[str]
+    """The server program, as named in error messages."""
+    _awaited: ClassVar[str]
+    """What :meth:`start` waits for, as named in its timeout message."""
 
     def __init__(self, base_dir: Path) -> None:
         self._base_dir = Path(base_dir)
-        self._bindir = find_postgres_bindir()
-        self._pg_isready = _find_pg_isready(self._bindir)
-        self._account = _postgres_account() if os.geteuid() == 0 else None
+        self._account: pwd.struct_passwd | None = None  # user to run the server as; None: us
         self._work_dir: Path | None = None
         self._port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -226,95 +231,60 @@ class PrivatePostgres:
         return self._port
 
     @property
+    @abstractmethod
     def url(self) -> str:
-        """Connection URL of the ``postgres`` database, as the ``postgres`` superuser."""
-        return self.dsn_for("postgres")
-
-    def dsn_for(self, dbname: str) -> str:
-        """Connection URL of database ``dbname``, as the ``postgres`` superuser."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
-
-    @property
-    def data_dir(self) -> Path:
-        """The cluster's data directory."""
-        if self._work_dir is None:
-            raise ServerError("the server was never started")
-        return self._work_dir / "data"
+        """The URL clients connect to."""
 
     @property
     def log_path(self) -> Path:
         """The server's log file (inside ``base_dir``; kept after cleanup)."""
-        return self._base_dir / f"postgres-{self.port}.log"
+        return self._base_dir / f"{self._name}-{self.port}.log"
 
     @property
     def is_running(self) -> bool:
-        """Whether the postmaster process is alive."""
+        """Whether the server process is alive."""
         return self._process is not None and self._process.poll() is None
 
     @property
     def pid(self) -> int:
-        """The postmaster's pid, as written in ``postmaster.pid``."""
-        try:
-            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            if self._process is None:
-                raise ServerError("the server is not running") from None
-            return self._process.pid
+        """The server process id."""
+        if self._process is None:
+            raise ServerError("the server is not running")
+        return self._process.pid
 
     # -- life cycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the cluster on first use, start the server, and wait until it accepts."""
+        """Start it (same port and data as before, if it ran already); wait until it answers."""
         if self.is_running:
             raise ServerError("the server is already running")
         if self._work_dir is None:
             self._base_dir.mkdir(parents=True, exist_ok=True)
             self._work_dir = self._make_work_dir()
             self._port = free_port()
-            self._initdb()
+            self._initialise()
         self._launch()
 
-    def stop(self, mode: StopMode = "fast") -> None:
-        """Shut down like ``pg_ctl stop -m MODE`` and wait for the postmaster to exit."""
-        process = self._process
-        if process is not None:
-            children = _children(process.pid)
-            try:
-                _stop_process(process, _STOP_SIGNALS[mode], STOP_TIMEOUT)
-            finally:
-                self._reaped(children)
+    def stop(self) -> None:
+        """SIGTERM it and wait for it to exit."""
+        self._end(signal.SIGTERM)
 
     def kill(self) -> None:
-        """Crash it: SIGKILL the postmaster, then wait until its orphaned children have exited.
-
-        The children (backends, checkpointer, ...) exit on their own when they notice the
-        postmaster is gone; until they have, a new postmaster would refuse the data directory.
-        """
-        process = self._process
-        if process is None or process.poll() is not None:
-            raise ServerError("the server is not running")
-        pid = self.pid
-        if pid != process.pid:
-            raise ServerError(f"postmaster.pid says {pid}, but the postmaster is {process.pid}")
-        children = _children(pid)
-        os.kill(pid, signal.SIGKILL)
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        finally:
-            self._reaped(children)
+        """Crash it: SIGKILL, and reap the process."""
+        self._end(signal.SIGKILL)
 
     def restart(self) -> None:
-        """Start it again on the same port and data (after :meth:`kill`: crash recovery)."""
+        """Start it again on the same port with the same data (after :meth:`kill`: recovery)."""
         if self.is_running:
             self.stop()
         self.start()
 
     def close(self) -> None:
-        """Stop it (killing it if it won't stop) and delete its data directory."""
+        """Stop it (killing it if it won't stop) and delete its work dir."""
         try:
             if self.is_running:
                 try:
-                    self.stop("fast")
+                    self.stop()
                 except ServerError:
                     if self.is_running:
                         self.kill()
@@ -341,7 +311,176 @@ class PrivatePostgres:
     ) -> None:
         self.close()
 
+    # -- what differs -----------------------------------------------------------------------
+
+    @abstractmethod
+    def _command(self) -> list[str]:
+        """The command line that runs the server in the foreground."""
+
+    @abstractmethod
+    def _answers(self) -> bool:
+        """Whether the (running) server answers clients yet."""
+
+    @abstractmethod
+    def _initialise(self) -> None:
+        """Prepare the fresh work dir, before the first start."""
+
+    def _make_work_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{self._name}-", dir=self._base_dir))
+
     # -- internals ------------------------------------------------------------------------
+
+    def _in_work_dir(self, name: str) -> Path:
+        if self._work_dir is None:
+            raise ServerError("the server was never started")
+        return self._work_dir / name
+
+    def _run_as(self) -> tuple[int | None, int | None, list[int] | None]:
+        if self._account is None:
+            return None, None, None
+        return self._account.pw_uid, self._account.pw_gid, []
+
+    def _launch(self) -> None:
+        assert self._work_dir is not None
+        user, group, extra_groups = self._run_as()
+        self._log = self.log_path.open("ab")
+        try:
+            self._process = subprocess.Popen(
+                self._command(),
+                cwd=self._work_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=user,
+                group=group,
+                extra_groups=extra_groups,
+            )
+        except BaseException:
+            self._close_log()
+            raise
+        try:
+            wait_until(self._ready, timeout=START_TIMEOUT, what=self._awaited)
+        except TimeoutError as exc:
+            self.kill()
+            raise ServerError(f"{exc}; log:\n{_log_tail(self.log_path)}") from exc
+
+    def _ready(self) -> bool:
+        process = self._process
+        assert process is not None
+        if process.poll() is not None:
+            code = process.returncode
+            self._close_log()
+            self._process = None
+            tail = _log_tail(self.log_path)
+            raise ServerError(f"{self._program} exited with status {code} during startup:\n{tail}")
+        return self._answers()
+
+    def _end(self, sig: signal.Signals) -> None:
+        """Send ``sig``, reap the process, wait for its orphaned children, close the log."""
+        process = self._process
+        children = [] if process is None else _children(process.pid)
+        try:
+            if process is not None:
+                _stop_process(process, sig, STOP_TIMEOUT)
+        finally:
+            self._reaped(children)
+
+    def _reaped(self, children: list[_Proc]) -> None:
+        """After the server exited: wait for its children, close the log."""
+        try:
+            try:
+                wait_until(
+                    lambda: all(_is_gone(child) for child in children),
+                    timeout=10,
+                    what="the server's children to exit",
+                )
+            except TimeoutError:
+                for child in children:
+                    if not _is_gone(child):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(child[0], signal.SIGKILL)
+                wait_until(
+                    lambda: all(_is_gone(child) for child in children),
+                    timeout=5,
+                    what="the server's children to die",
+                )
+        finally:
+            self._close_log()
+            self._process = None
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class PrivatePostgres(_PrivateServer):
+    """A PostgreSQL server of its own: fresh cluster, free port on 127.0.0.1, trust auth.
+
+    Use as a context manager: entering starts it, leaving stops it and deletes its data. The
+    log stays in ``base_dir``. When running as root the server runs as the ``postgres`` user,
+    with its data in a directory made with :mod:`tempfile` (``base_dir`` may not be reachable
+    by that user). Durability settings are PostgreSQL's defaults (fsync on): tests kill it.
+    """
+
+    _name = "postgres"
+    _program = "postgres"
+    _awaited = "postgres to accept"
+
+    def __init__(self, base_dir: Path) -> None:
+        super().__init__(base_dir)
+        self._bindir = find_postgres_bindir()
+        self._pg_isready = _find_pg_isready(self._bindir)
+        self._account = _postgres_account() if os.geteuid() == 0 else None
+
+    @property
+    def url(self) -> str:
+        """Connection URL of the ``postgres`` database, as the ``postgres`` superuser."""
+        return self.dsn_for("postgres")
+
+    def dsn_for(self, dbname: str) -> str:
+        """Connection URL of database ``dbname``, as the ``postgres`` superuser."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    @property
+    def data_dir(self) -> Path:
+        """The cluster's data directory."""
+        return self._in_work_dir("data")
+
+    @property
+    def pid(self) -> int:
+        """The postmaster's pid, as written in ``postmaster.pid``."""
+        try:
+            return int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return super().pid
+
+    def stop(self, mode: StopMode = "fast") -> None:
+        """Shut down like ``pg_ctl stop -m MODE`` and wait for the postmaster to exit."""
+        self._end(_STOP_SIGNALS[mode])
+
+    def kill(self) -> None:
+        """Crash it: SIGKILL the postmaster, then wait until its orphaned children have exited.
+
+        The children (backends, checkpointer, ...) exit on their own when they notice the
+        postmaster is gone; until they have, a new postmaster would refuse the data directory.
+        """
+        process = self._process
+        if process is None or process.poll() is not None:
+            raise ServerError("the server is not running")
+        pid = self.pid
+        if pid != process.pid:
+            raise ServerError(f"postmaster.pid says {pid}, but the postmaster is {process.pid}")
+        super().kill()
+
+    def _command(self) -> list[str]:
+        return [str(self._bindir / "postgres"), "-D", str(self.data_dir)]
+
+    def _answers(self) -> bool:
+        command = [str(self._pg_isready), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+        command += ["-U", "postgres", "-d", "postgres", "-t", "1"]
+        return subprocess.run(command, check=False, timeout=10).returncode == 0
 
     def _make_work_dir(self) -> Path:
         # Unix socket paths are limited to ~107 bytes, and when root the server's user must be
@@ -354,12 +493,8 @@ class PrivatePostgres:
             os.chown(work_dir, self._account.pw_uid, self._account.pw_gid)
         return work_dir
 
-    def _run_as(self) -> tuple[int | None, int | None, list[int] | None]:
-        if self._account is None:
-            return None, None, None
-        return self._account.pw_uid, self._account.pw_gid, []
-
-    def _initdb(self) -> None:
+    def _initialise(self) -> None:
+        """Run initdb, and append this server's settings to ``postgresql.conf``."""
         assert self._work_dir is not None
         user, group, extra_groups = self._run_as()
         command = [
@@ -396,100 +531,21 @@ class PrivatePostgres:
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write(settings)
 
-    def _launch(self) -> None:
-        assert self._work_dir is not None
-        user, group, extra_groups = self._run_as()
-        self._log = self.log_path.open("ab")
-        try:
-            self._process = subprocess.Popen(
-                [str(self._bindir / "postgres"), "-D", str(self.data_dir)],
-                cwd=self._work_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                user=user,
-                group=group,
-                extra_groups=extra_groups,
-            )
-        except BaseException:
-            self._close_log()
-            raise
-        try:
-            wait_until(self._accepting, timeout=START_TIMEOUT, what="postgres to accept")
-        except TimeoutError as exc:
-            self.kill()
-            raise ServerError(f"{exc}; log:\n{_log_tail(self.log_path)}") from exc
 
-    def _accepting(self) -> bool:
-        process = self._process
-        assert process is not None
-        if process.poll() is not None:
-            code = process.returncode
-            self._close_log()
-            self._process = None
-            raise ServerError(
-                f"postgres exited with status {code} during startup:\n{_log_tail(self.log_path)}"
-            )
-        command = [str(self._pg_isready), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
-        command += ["-U", "postgres", "-d", "postgres", "-t", "1"]
-        result = subprocess.run(
-            command,
-            check=False,
-            timeout=10,
-        )
-        return result.returncode == 0
-
-    def _reaped(self, children: list[_Proc]) -> None:
-        """After the postmaster exited: wait for its children, close the log."""
-        try:
-            try:
-                wait_until(
-                    lambda: all(_is_gone(child) for child in children),
-                    timeout=10,
-                    what="the postmaster's children to exit",
-                )
-            except TimeoutError:
-                for child in children:
-                    if not _is_gone(child):
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(child[0], signal.SIGKILL)
-                wait_until(
-                    lambda: all(_is_gone(child) for child in children),
-                    timeout=5,
-                    what="the postmaster's children to die",
-                )
-        finally:
-            self._close_log()
-            self._process = None
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-
-class PrivateNats:
+class PrivateNats(_PrivateServer):
     """A nats-server of its own with JetStream: free port on 127.0.0.1, store in ``base_dir``.
 
     Use as a context manager: entering starts it, leaving stops it and deletes its store. The
     log stays in ``base_dir``.
     """
 
-    def __init__(self, base_dir: Path) -> None:
-        self._base_dir = Path(base_dir)
-        self._binary = find_nats_server()
-        self._work_dir: Path | None = None
-        self._port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+    _name = "nats"
+    _program = "nats-server"
+    _awaited = "nats-server to answer"
 
-    @property
-    def port(self) -> int:
-        """The TCP port it listens on (fixed for its lifetime, restarts included)."""
-        if self._port is None:
-            raise ServerError("the server was never started")
-        return self._port
+    def __init__(self, base_dir: Path) -> None:
+        super().__init__(base_dir)
+        self._binary = find_nats_server()
 
     @property
     def url(self) -> str:
@@ -499,120 +555,18 @@ class PrivateNats:
     @property
     def store_dir(self) -> Path:
         """JetStream's storage directory (``-sd``)."""
-        if self._work_dir is None:
-            raise ServerError("the server was never started")
-        return self._work_dir / "jetstream"
+        return self._in_work_dir("jetstream")
 
-    @property
-    def log_path(self) -> Path:
-        """The server's log file (inside ``base_dir``; kept after cleanup)."""
-        return self._base_dir / f"nats-{self.port}.log"
+    def _initialise(self) -> None:
+        """Nothing to do: nats-server creates its store when it first starts."""
 
-    @property
-    def is_running(self) -> bool:
-        """Whether the nats-server process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int:
-        """The nats-server process id."""
-        if self._process is None:
-            raise ServerError("the server is not running")
-        return self._process.pid
-
-    def start(self) -> None:
-        """Start it (same port and store as before, if it ran already); wait until it answers."""
-        if self.is_running:
-            raise ServerError("the server is already running")
-        if self._work_dir is None:
-            self._base_dir.mkdir(parents=True, exist_ok=True)
-            self._work_dir = Path(tempfile.mkdtemp(prefix="nats-", dir=self._base_dir))
-            self._port = free_port()
-        self._log = self.log_path.open("ab")
+    def _command(self) -> list[str]:
         command = [str(self._binary), "-js", "-a", "127.0.0.1", "-p", str(self.port)]
-        command += ["-sd", str(self.store_dir)]
-        try:
-            self._process = subprocess.Popen(
-                command,
-                cwd=self._work_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        except BaseException:
-            self._close_log()
-            raise
-        try:
-            wait_until(self._answering, timeout=START_TIMEOUT, what="nats-server to answer")
-        except TimeoutError as exc:
-            self.kill()
-            raise ServerError(f"{exc}; log:\n{_log_tail(self.log_path)}") from exc
+        return [*command, "-sd", str(self.store_dir)]
 
-    def stop(self) -> None:
-        """SIGTERM it and wait for it to exit."""
-        self._end(signal.SIGTERM)
-
-    def kill(self) -> None:
-        """Crash it: SIGKILL, and reap the process."""
-        self._end(signal.SIGKILL)
-
-    def restart(self) -> None:
-        """Start it again on the same port with the same JetStream store."""
-        if self.is_running:
-            self.stop()
-        self.start()
-
-    def close(self) -> None:
-        """Stop it (killing it if it won't stop) and delete its store."""
-        try:
-            self.stop()
-        finally:
-            if self._work_dir is not None:
-                shutil.rmtree(self._work_dir, ignore_errors=True)
-                self._work_dir = None
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _end(self, sig: signal.Signals) -> None:
-        process = self._process
-        try:
-            if process is not None:
-                _stop_process(process, sig, STOP_TIMEOUT)
-        finally:
-            self._process = None
-            self._close_log()
-
-    def _answering(self) -> bool:
-        process = self._process
-        assert process is not None
-        if process.poll() is not None:
-            code = process.returncode
-            self._process = None
-            self._close_log()
-            tail = _log_tail(self.log_path)
-            raise ServerError(f"nats-server exited with status {code} during startup:\n{tail}")
+    def _answers(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
                 return conn.recv(4096).startswith(b"INFO ")
         except OSError:
             return False
-
-    def _close_log(self) -> None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
