@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from eventsourcing.utils import get_topic
+
+from infrastructure.postgres.recorder import CommandLoggingRecorder
 from infrastructure.postgres.schema import PostgresParams, ensure_database
 from infrastructure.settings import Settings
 from services.clock import Clock
@@ -31,6 +34,7 @@ def event_store_env(settings: Settings, *, create_tables: bool = False) -> dict[
         "POSTGRES_CONNECT_TIMEOUT": "10",
         "POSTGRES_LOCK_TIMEOUT": "10",
         "CREATE_TABLE": "y" if create_tables else "n",
+        "APPLICATION_RECORDER_TOPIC": get_topic(CommandLoggingRecorder),
     }
 
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import RecordConflictError, Recording
+from eventsourcing.persistence import ApplicationRecorder, RecordConflictError
+from eventsourcing.popo import POPOApplicationRecorder
 from eventsourcing.utils import Environment
+from pydantic import BaseModel, ConfigDict
 
 from domain.errors import (
     ConcurrencyConflictError,
+    DomainError,
     EventNotFoundError,
     InvalidStateError,
     RunNotFoundError,
@@ -28,37 +31,124 @@ from domain.workflow_run import RunStatus, WorkflowRun
 from domain.workflow_type import WorkflowType
 from services import commands as c
 from services.clock import Clock, SystemClock
+from services.command_log import CommandLog, CommandRecord, POPOCommandRecorder
 
 A = TypeVar("A", bound=Aggregate)
-R = TypeVar("R")
+C = TypeVar("C", bound=c.Command)
 
 MAX_CONFLICT_RETRIES = 8
 """Optimistic-concurrency retries before a command gives up with ``conflict``."""
 
 
-@dataclass(frozen=True)
-class Applied:
+# ------------------------------------------------------------------------------ replies
+class Reply(BaseModel):
     """A command was applied; ``position`` is the global position of its last event.
 
     When the command changed nothing (a repeat), ``position`` is the store's head, which
-    is at least the position of every event the command's aggregate has.
+    is at least the position of every event the command's aggregates have.
     """
 
-    position: int
+    model_config = ConfigDict(frozen=True)
+
+    position: int = 0
+
+    def to_json(self) -> dict[str, JSON]:
+        return {"ok": True, **self.model_dump(mode="json")}
 
 
-@dataclass(frozen=True)
-class RunStartedReply(Applied):
+class Applied(Reply):
+    pass
+
+
+class RunStartedReply(Reply):
     run_id: UUID
     created: bool
 
 
-@dataclass(frozen=True)
-class EventSentReply(Applied):
+class EventSentReply(Reply):
     event_id: UUID
     created: bool
 
 
+Result = Reply | DomainError
+"""What a command in a batch gets: its reply, or the domain error that refused it."""
+
+
+# ------------------------------------------------------------------------ unit of work
+class UnitOfWork:
+    """The aggregates a batch of commands loads, creates and changes; saved together."""
+
+    def __init__(self, app: WorkflowRuns) -> None:
+        self.app = app
+        self._aggregates: dict[UUID, Aggregate] = {}
+        self._missing: set[UUID] = set()
+
+    def get(self, aggregate_id: UUID, kind: type[A]) -> A:
+        aggregate = self._aggregates.get(aggregate_id)
+        if aggregate is None:
+            if aggregate_id in self._missing:
+                raise AggregateNotFoundError(aggregate_id)
+            try:
+                aggregate = self.app.repository.get(aggregate_id)
+            except AggregateNotFoundError:
+                self._missing.add(aggregate_id)
+                raise
+            self._aggregates[aggregate_id] = aggregate
+        if not isinstance(aggregate, kind):
+            raise AggregateNotFoundError(aggregate_id)
+        return aggregate
+
+    def exists(self, aggregate_id: UUID) -> bool:
+        if aggregate_id in self._aggregates:
+            return True
+        return aggregate_id not in self._missing and aggregate_id in self.app.repository
+
+    def add(self, aggregate: Aggregate) -> None:
+        self._aggregates[aggregate.id] = aggregate
+        self._missing.discard(aggregate.id)
+
+    def pending(self) -> dict[UUID, int]:
+        return {i: len(a.pending_events) for i, a in self._aggregates.items()}
+
+    def changed(self) -> list[Aggregate]:
+        return [a for a in self._aggregates.values() if a.pending_events]
+
+
+@dataclass
+class _Decided:
+    """A command decided in a batch, with the (aggregate, index) of each event it made."""
+
+    command: c.Command
+    reply: Reply
+    events: list[tuple[UUID, int]] = field(default_factory=list)
+
+
+class _PoisonedBatchError(Exception):
+    """A command failed after changing an aggregate: its neighbours must run alone."""
+
+
+Handler = Callable[["WorkflowRuns", UnitOfWork, Any], Reply]
+_HANDLERS: dict[type[c.Command], tuple[Handler, type[Reply]]] = {}
+
+
+def handles(
+    command: type[C], reply: type[Reply] = Applied
+) -> Callable[[Callable[[WorkflowRuns, UnitOfWork, C], Reply]], Callable[..., Reply]]:
+    """Register a decision function for a command type (and the type of its reply)."""
+
+    def register(fn: Callable[[WorkflowRuns, UnitOfWork, C], Reply]) -> Callable[..., Reply]:
+        _HANDLERS[command] = (fn, reply)
+        return fn
+
+    return register
+
+
+def command_name(command: type[c.Command]) -> str:
+    """``StartRun`` -> ``start_run``: the NATS subject suffix and the handler's name."""
+    return "".join(f"_{ch.lower()}" if ch.isupper() else ch for ch in command.__name__)[1:]
+
+
+# ------------------------------------------------------------------------ the service
 class WorkflowRuns(Application[UUID]):
     """One event store (one notification log) for runs, inbound events and workflow types."""
 
@@ -82,247 +172,425 @@ class WorkflowRuns(Application[UUID]):
         """
         return Environment(name, {**type(self).env, **(env or {})})
 
-    # ------------------------------------------------------------------ client commands
-    def start_run(self, cmd: c.StartRun) -> RunStartedReply:
-        workflow = self.get_workflow_type(cmd.workflow)
-        run_id = run_id_for(cmd.workflow, cmd.key)
+    def construct_recorder(self) -> ApplicationRecorder:
+        recorder = super().construct_recorder()
+        if type(recorder) is POPOApplicationRecorder:
+            return POPOCommandRecorder()  # in memory too, commands are logged with events
+        return recorder
 
-        def attempt() -> RunStartedReply:
-            if cmd.key is not None and self._exists(run_id):
-                return RunStartedReply(self._head(), run_id, created=False)
-            run = workflow.new_run(run_id, cmd.input, key=cmd.key)
-            return RunStartedReply(self._save(run), run_id, created=True)
+    # ------------------------------------------------------------------- execution
+    def handle(self, command: c.Command) -> Reply:
+        """Apply one command; a refusal raises its DomainError."""
+        result = self.execute([command])[0]
+        if isinstance(result, DomainError):
+            raise result
+        return result
 
-        return self._retrying(attempt)
+    def execute(self, commands: Sequence[c.Command]) -> list[Result]:
+        """Apply many commands in one transaction (group commit), each isolated.
 
-    def send_event(self, cmd: c.SendEvent) -> EventSentReply:
-        event_id = inbound_event_id(cmd.id)
-
-        def attempt() -> EventSentReply:
-            if cmd.id is not None and self._exists(event_id):
-                return EventSentReply(self._head(), event_id, created=False)
-            inbound = InboundEvent.receive(event_id, cmd.name, cmd.data, external_id=cmd.id)
-            return EventSentReply(self._save(inbound), event_id, created=True)
-
-        return self._retrying(attempt)
-
-    def cancel_run(self, cmd: c.CancelRun) -> Applied:
-        return self._update_run(cmd.run_id, lambda run: run.request_cancel(cmd.reason))
-
-    def retry_run(self, cmd: c.RetryRun) -> Applied:
-        return self._update_run(cmd.run_id, lambda run: run.retry())
-
-    # ------------------------------------------------------------------ worker commands
-    def register_workflow(self, cmd: c.RegisterWorkflow) -> Applied:
-        type_id = workflow_type_id(cmd.name)
-        definition = WorkflowType.definition_of(
-            cmd.triggers, cmd.retry_policy, cmd.timeouts, cmd.concurrency, cmd.queue
-        )
-
-        def attempt() -> Applied:
-            try:
-                workflow = self._load(type_id, WorkflowType)
-                workflow.redefine(definition)
-            except AggregateNotFoundError:
-                workflow = WorkflowType.register(
-                    type_id,
-                    cmd.name,
-                    cmd.triggers,
-                    cmd.retry_policy,
-                    cmd.timeouts,
-                    cmd.concurrency,
-                    cmd.queue,
-                )
-            if cmd.worker_id is not None:
-                workflow.add_worker(cmd.worker_id)
-            return Applied(self._save(workflow))
-
-        return self._retrying(attempt)
-
-    def start_step(self, cmd: c.StartStep) -> Applied:
-        return self._update_run(
-            cmd.run_id, lambda run: run.start_step(cmd.step, cmd.attempt, cmd.retry_policy)
-        )
-
-    def complete_step(self, cmd: c.CompleteStep) -> Applied:
-        return self._update_run(
-            cmd.run_id,
-            lambda run: run.complete_step(cmd.step, cmd.attempt, cmd.output, cmd.compensable),
-        )
-
-    def fail_step(self, cmd: c.FailStep) -> Applied:
-        return self._update_run(
-            cmd.run_id,
-            lambda run: run.fail_step(
-                cmd.step,
-                cmd.attempt,
-                cmd.error.model_dump(),
-                now=self.clock.now(),
-                retryable=cmd.retryable,
-                rand=self.rand(),
-            ),
-        )
-
-    def start_sleep(self, cmd: c.StartSleep) -> Applied:
-        def decide(run: WorkflowRun) -> None:
-            wake_at = cmd.until or self.clock.now() + timedelta(seconds=cmd.seconds or 0)
-            run.start_sleep(cmd.name, wake_at)
-
-        return self._update_run(cmd.run_id, decide)
-
-    def fire_timer(self, cmd: c.FireTimer) -> Applied:
-        return self._update_run(cmd.run_id, lambda run: run.fire_timer(cmd.name))
-
-    def start_wait(self, cmd: c.StartWait) -> Applied:
-        def decide(run: WorkflowRun) -> None:
-            timeout_at = (
-                self.clock.now() + timedelta(seconds=cmd.timeout_seconds)
-                if cmd.timeout_seconds is not None
-                else None
-            )
-            run.start_wait(cmd.name, cmd.event_name, cmd.match, timeout_at)
-
-        return self._update_run(cmd.run_id, decide)
-
-    def deliver_event(self, cmd: c.DeliverEvent) -> Applied:
-        """Wake a waiting run and record on the event that it woke it, in one transaction."""
-
-        def attempt() -> Applied:
-            run = self.get_run(cmd.run_id)
-            inbound = self.get_inbound_event(cmd.event_id)
-            run.receive_event(cmd.name, inbound.id, inbound.name, inbound.data)
-            if run.waits[cmd.name].event_id == inbound.id:
-                inbound.record_woken_run(run.id, cmd.name)
-            return Applied(self._save(run, inbound))
-
-        return self._retrying(attempt)
-
-    def time_out_wait(self, cmd: c.TimeOutWait) -> Applied:
-        return self._update_run(cmd.run_id, lambda run: run.time_out_wait(cmd.name))
-
-    def start_child(self, cmd: c.StartChild) -> Applied:
-        """Start a child run and record it on its parent, in one transaction."""
-        workflow = self.get_workflow_type(cmd.workflow)
-
-        def attempt() -> Applied:
-            parent = self.get_run(cmd.run_id)
-            child_id = child_run_id(parent.id, cmd.name)
-            parent.start_child(cmd.name, child_id, cmd.workflow)
-            child = None
-            if not self._exists(child_id):
-                child = workflow.new_run(
-                    child_id, cmd.input, parent_run_id=parent.id, parent_step=cmd.name
-                )
-            return Applied(self._save(parent, child))
-
-        return self._retrying(attempt)
-
-    def resolve_child(self, cmd: c.ResolveChild) -> Applied:
-        def decide(parent: WorkflowRun) -> None:
-            state = parent.children.get(cmd.name)
-            if state is None or state.outcome != "pending":
-                parent.complete_child(cmd.name)  # raises, or is a no-op
-                return
-            child = self.get_run(state.run_id)
-            if child.status is RunStatus.COMPLETED:
-                parent.complete_child(cmd.name, output=child.output)
-            elif child.status is RunStatus.FAILED:
-                parent.complete_child(cmd.name, error=child.error)
-            elif child.status is RunStatus.CANCELLED:
-                error: dict[str, JSON] = {
-                    "type": "ChildCancelled",
-                    "message": f"child run {child.id} was cancelled",
-                }
-                parent.complete_child(cmd.name, error=error)
-            else:
-                raise InvalidStateError(f"child run {child.id} is still {child.status}")
-
-        return self._update_run(cmd.run_id, decide)
-
-    def emit_event(self, cmd: c.EmitEvent) -> EventSentReply:
-        """Record a run's sent event and the inbound event itself, in one transaction."""
-
-        def attempt() -> EventSentReply:
-            run = self.get_run(cmd.run_id)
-            event_id = run.send_event(cmd.name, cmd.event_name, cmd.data)
-            inbound = None
-            if not self._exists(event_id):
-                inbound = InboundEvent.receive(
-                    event_id, cmd.event_name, cmd.data, sent_by_run=run.id
-                )
-            position = self._save(run, inbound)
-            return EventSentReply(position, event_id, created=inbound is not None)
-
-        return self._retrying(attempt)
-
-    def complete_run(self, cmd: c.CompleteRun) -> Applied:
-        return self._update_run(cmd.run_id, lambda run: run.complete(cmd.output))
-
-    def fail_run(self, cmd: c.FailRun) -> Applied:
-        return self._update_run(cmd.run_id, lambda run: run.fail(cmd.error.model_dump()))
-
-    def time_out_run(self, cmd: c.TimeOutRun) -> Applied:
-        return self._update_run(cmd.run_id, lambda run: run.time_out())
-
-    def compensate_step(self, cmd: c.CompensateStep) -> Applied:
-        return self._update_run(cmd.run_id, lambda run: run.compensate_step(cmd.step))
-
-    # ---------------------------------------------------------------------------- queries
-    def get_run(self, run_id: UUID) -> WorkflowRun:
-        try:
-            return self._load(run_id, WorkflowRun)
-        except AggregateNotFoundError:
-            raise RunNotFoundError(run_id) from None
-
-    def get_inbound_event(self, event_id: UUID) -> InboundEvent:
-        try:
-            return self._load(event_id, InboundEvent)
-        except AggregateNotFoundError:
-            raise EventNotFoundError(event_id) from None
-
-    def get_workflow_type(self, name: str) -> WorkflowType:
-        check_name("workflow", name)  # a malformed name is invalid, not merely unknown
-        try:
-            return self._load(workflow_type_id(name), WorkflowType)
-        except AggregateNotFoundError:
-            raise UnknownWorkflowError(name) from None
-
-    # -------------------------------------------------------------------------- internals
-    def _update_run(self, run_id: UUID, decide: Callable[[WorkflowRun], Any]) -> Applied:
-        """Load, decide, save; on a concurrent write, reload and decide again."""
-
-        def attempt() -> Applied:
-            run = self.get_run(run_id)
-            decide(run)
-            return Applied(self._save(run))
-
-        return self._retrying(attempt)
-
-    def _retrying(self, attempt: Callable[[], R]) -> R:
+        A command's domain error refuses that command only. A repeated ``command_id``
+        gets the first reply and changes nothing. When another writer changed the same
+        aggregates first, the whole batch is decided again on fresh state.
+        """
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
-                return attempt()
+                return self._execute_once(commands)
             except RecordConflictError:
                 continue  # another writer got there first: reload and decide again
-        raise ConcurrencyConflictError(
-            f"gave up after {MAX_CONFLICT_RETRIES} optimistic-concurrency conflicts"
+            except _PoisonedBatchError:
+                return [r for command in commands for r in self.execute([command])]
+        if len(commands) > 1:
+            return [r for command in commands for r in self.execute([command])]
+        message = f"gave up after {MAX_CONFLICT_RETRIES} optimistic-concurrency conflicts"
+        return [ConcurrencyConflictError(message)]
+
+    def _execute_once(self, commands: Sequence[c.Command]) -> list[Result]:
+        uow = UnitOfWork(self)
+        first_replies = self._first_replies(commands)
+        outcomes: list[_Decided | Result | int] = []
+        first_index: dict[str, int] = {}
+        for command in commands:
+            command_id = command.command_id
+            if command_id is not None and command_id in first_replies:
+                reply_type = _HANDLERS[type(command)][1]
+                outcomes.append(reply_type.model_validate(first_replies[command_id]))
+                continue
+            if command_id is not None and command_id in first_index:
+                outcomes.append(first_index[command_id])  # same reply as that one
+                continue
+            before = uow.pending()
+            try:
+                reply = self._decide(uow, command)
+            except DomainError as error:
+                if uow.pending() != before:
+                    if len(commands) == 1:
+                        return [error]  # nothing is saved
+                    raise _PoisonedBatchError from error
+                outcomes.append(error)
+                continue
+            if command_id is not None:
+                first_index[command_id] = len(outcomes)
+            outcomes.append(_Decided(command, reply, _new_events(uow, before)))
+        return self._commit(uow, outcomes)
+
+    def _commit(self, uow: UnitOfWork, outcomes: list[_Decided | Result | int]) -> list[Result]:
+        changed = uow.changed()
+        offsets: dict[UUID, int] = {}
+        total = 0
+        for aggregate in changed:
+            offsets[aggregate.id] = total
+            total += len(aggregate.pending_events)
+        last_event = {
+            i: max(offsets[agg] + n for agg, n in o.events)
+            for i, o in enumerate(outcomes)
+            if isinstance(o, _Decided) and o.events
+        }
+        log: list[CommandRecord] = []
+        for i, index in last_event.items():
+            decided = outcomes[i]
+            assert isinstance(decided, _Decided)
+            if decided.command.command_id is not None:
+                name = command_name(type(decided.command))
+                reply = decided.reply.to_json()
+                log.append(CommandRecord(decided.command.command_id, name, reply, index))
+        positions = (
+            [r.notification.id for r in self.save(*changed, commands=log)] if changed else []
         )
+        head = positions[-1] if positions else self._head()
+        results: list[Result] = []
+        for i, outcome in enumerate(outcomes):
+            if isinstance(outcome, _Decided):
+                position = positions[last_event[i]] if i in last_event else head
+                results.append(outcome.reply.model_copy(update={"position": position}))
+            elif isinstance(outcome, int):
+                results.append(results[outcome])
+            else:
+                results.append(outcome)
+        return results
 
-    def _load(self, aggregate_id: UUID, kind: type[A]) -> A:
-        aggregate: Aggregate = self.repository.get(aggregate_id)
-        if not isinstance(aggregate, kind):
-            raise AggregateNotFoundError(aggregate_id)
-        return aggregate
+    def _first_replies(self, commands: Sequence[c.Command]) -> dict[str, dict[str, JSON]]:
+        ids = [command.command_id for command in commands if command.command_id is not None]
+        if not ids or not isinstance(self.recorder, CommandLog):
+            return {}
+        return self.recorder.select_command_replies(ids)
 
-    def _exists(self, aggregate_id: UUID) -> bool:
-        return aggregate_id in self.repository
+    def _decide(self, uow: UnitOfWork, command: c.Command) -> Reply:
+        try:
+            handler, _ = _HANDLERS[type(command)]
+        except KeyError:
+            raise TypeError(f"no handler for {type(command).__name__}") from None
+        return handler(self, uow, command)
 
-    def _save(self, *aggregates: Aggregate | None) -> int:
-        """Save every aggregate's pending events atomically; the last event's position."""
-        recordings: list[Recording[UUID]] = self.save(*aggregates)
-        if recordings:
-            return recordings[-1].notification.id
-        return self._head()
+    # ------------------------------------------------ one typed method per command
+    def start_run(self, cmd: c.StartRun) -> RunStartedReply:
+        return _typed(self.handle(cmd), RunStartedReply)
+
+    def send_event(self, cmd: c.SendEvent) -> EventSentReply:
+        return _typed(self.handle(cmd), EventSentReply)
+
+    def emit_event(self, cmd: c.EmitEvent) -> EventSentReply:
+        return _typed(self.handle(cmd), EventSentReply)
+
+    def cancel_run(self, cmd: c.CancelRun) -> Reply:
+        return self.handle(cmd)
+
+    def retry_run(self, cmd: c.RetryRun) -> Reply:
+        return self.handle(cmd)
+
+    def register_workflow(self, cmd: c.RegisterWorkflow) -> Reply:
+        return self.handle(cmd)
+
+    def start_step(self, cmd: c.StartStep) -> Reply:
+        return self.handle(cmd)
+
+    def complete_step(self, cmd: c.CompleteStep) -> Reply:
+        return self.handle(cmd)
+
+    def fail_step(self, cmd: c.FailStep) -> Reply:
+        return self.handle(cmd)
+
+    def start_sleep(self, cmd: c.StartSleep) -> Reply:
+        return self.handle(cmd)
+
+    def fire_timer(self, cmd: c.FireTimer) -> Reply:
+        return self.handle(cmd)
+
+    def start_wait(self, cmd: c.StartWait) -> Reply:
+        return self.handle(cmd)
+
+    def deliver_event(self, cmd: c.DeliverEvent) -> Reply:
+        return self.handle(cmd)
+
+    def time_out_wait(self, cmd: c.TimeOutWait) -> Reply:
+        return self.handle(cmd)
+
+    def start_child(self, cmd: c.StartChild) -> Reply:
+        return self.handle(cmd)
+
+    def resolve_child(self, cmd: c.ResolveChild) -> Reply:
+        return self.handle(cmd)
+
+    def complete_run(self, cmd: c.CompleteRun) -> Reply:
+        return self.handle(cmd)
+
+    def fail_run(self, cmd: c.FailRun) -> Reply:
+        return self.handle(cmd)
+
+    def time_out_run(self, cmd: c.TimeOutRun) -> Reply:
+        return self.handle(cmd)
+
+    def compensate_step(self, cmd: c.CompensateStep) -> Reply:
+        return self.handle(cmd)
+
+    # ---------------------------------------------------------------------- queries
+    def get_run(self, run_id: UUID) -> WorkflowRun:
+        return _run(UnitOfWork(self), run_id)
+
+    def get_inbound_event(self, event_id: UUID) -> InboundEvent:
+        return _inbound_event(UnitOfWork(self), event_id)
+
+    def get_workflow_type(self, name: str) -> WorkflowType:
+        return _workflow_type(UnitOfWork(self), name)
 
     def _head(self) -> int:
         return self.recorder.max_notification_id() or 0
+
+
+# -------------------------------------------------------------------- the decisions
+@handles(c.StartRun, RunStartedReply)
+def _start_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.StartRun) -> Reply:
+    workflow = _workflow_type(uow, cmd.workflow)
+    run_id = run_id_for(cmd.workflow, cmd.key)
+    if cmd.key is not None and uow.exists(run_id):
+        return RunStartedReply(run_id=run_id, created=False)
+    uow.add(workflow.new_run(run_id, cmd.input, key=cmd.key))
+    return RunStartedReply(run_id=run_id, created=True)
+
+
+@handles(c.SendEvent, EventSentReply)
+def _send_event(app: WorkflowRuns, uow: UnitOfWork, cmd: c.SendEvent) -> Reply:
+    event_id = inbound_event_id(cmd.id)
+    if cmd.id is not None and uow.exists(event_id):
+        return EventSentReply(event_id=event_id, created=False)
+    uow.add(InboundEvent.receive(event_id, cmd.name, cmd.data, external_id=cmd.id))
+    return EventSentReply(event_id=event_id, created=True)
+
+
+@handles(c.CancelRun)
+def _cancel_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.CancelRun) -> Reply:
+    _run(uow, cmd.run_id).request_cancel(cmd.reason)
+    return Applied()
+
+
+@handles(c.RetryRun)
+def _retry_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.RetryRun) -> Reply:
+    _run(uow, cmd.run_id).retry()
+    return Applied()
+
+
+@handles(c.RegisterWorkflow)
+def _register_workflow(app: WorkflowRuns, uow: UnitOfWork, cmd: c.RegisterWorkflow) -> Reply:
+    type_id = workflow_type_id(check_name("workflow", cmd.name))
+    definition = WorkflowType.definition_of(
+        cmd.triggers, cmd.retry_policy, cmd.timeouts, cmd.concurrency, cmd.queue
+    )
+    try:
+        workflow = uow.get(type_id, WorkflowType)
+    except AggregateNotFoundError:
+        workflow = WorkflowType.register(
+            type_id,
+            cmd.name,
+            cmd.triggers,
+            cmd.retry_policy,
+            cmd.timeouts,
+            cmd.concurrency,
+            cmd.queue,
+        )
+        uow.add(workflow)
+    else:
+        workflow.redefine(definition)
+    if cmd.worker_id is not None:
+        workflow.add_worker(cmd.worker_id)
+    return Applied()
+
+
+@handles(c.StartStep)
+def _start_step(app: WorkflowRuns, uow: UnitOfWork, cmd: c.StartStep) -> Reply:
+    _run(uow, cmd.run_id).start_step(cmd.step, cmd.attempt, cmd.retry_policy)
+    return Applied()
+
+
+@handles(c.CompleteStep)
+def _complete_step(app: WorkflowRuns, uow: UnitOfWork, cmd: c.CompleteStep) -> Reply:
+    _run(uow, cmd.run_id).complete_step(cmd.step, cmd.attempt, cmd.output, cmd.compensable)
+    return Applied()
+
+
+@handles(c.FailStep)
+def _fail_step(app: WorkflowRuns, uow: UnitOfWork, cmd: c.FailStep) -> Reply:
+    _run(uow, cmd.run_id).fail_step(
+        cmd.step,
+        cmd.attempt,
+        cmd.error.model_dump(),
+        now=app.clock.now(),
+        retryable=cmd.retryable,
+        rand=app.rand(),
+    )
+    return Applied()
+
+
+@handles(c.StartSleep)
+def _start_sleep(app: WorkflowRuns, uow: UnitOfWork, cmd: c.StartSleep) -> Reply:
+    wake_at = cmd.until or app.clock.now() + timedelta(seconds=cmd.seconds or 0)
+    _run(uow, cmd.run_id).start_sleep(cmd.name, wake_at)
+    return Applied()
+
+
+@handles(c.FireTimer)
+def _fire_timer(app: WorkflowRuns, uow: UnitOfWork, cmd: c.FireTimer) -> Reply:
+    _run(uow, cmd.run_id).fire_timer(cmd.name)
+    return Applied()
+
+
+@handles(c.StartWait)
+def _start_wait(app: WorkflowRuns, uow: UnitOfWork, cmd: c.StartWait) -> Reply:
+    timeout_at = None
+    if cmd.timeout_seconds is not None:
+        timeout_at = app.clock.now() + timedelta(seconds=cmd.timeout_seconds)
+    _run(uow, cmd.run_id).start_wait(cmd.name, cmd.event_name, cmd.match, timeout_at)
+    return Applied()
+
+
+@handles(c.DeliverEvent)
+def _deliver_event(app: WorkflowRuns, uow: UnitOfWork, cmd: c.DeliverEvent) -> Reply:
+    """Wake a waiting run and record on the event that it woke it, in one transaction."""
+    run = _run(uow, cmd.run_id)
+    inbound = _inbound_event(uow, cmd.event_id)
+    run.receive_event(cmd.name, inbound.id, inbound.name, inbound.data)
+    if run.waits[cmd.name].event_id == inbound.id:
+        inbound.record_woken_run(run.id, cmd.name)
+    return Applied()
+
+
+@handles(c.TimeOutWait)
+def _time_out_wait(app: WorkflowRuns, uow: UnitOfWork, cmd: c.TimeOutWait) -> Reply:
+    _run(uow, cmd.run_id).time_out_wait(cmd.name)
+    return Applied()
+
+
+@handles(c.StartChild)
+def _start_child(app: WorkflowRuns, uow: UnitOfWork, cmd: c.StartChild) -> Reply:
+    """Start a child run and record it on its parent, in one transaction."""
+    workflow = _workflow_type(uow, cmd.workflow)
+    parent = _run(uow, cmd.run_id)
+    child_id = child_run_id(parent.id, cmd.name)
+    parent.start_child(cmd.name, child_id, cmd.workflow)
+    if not uow.exists(child_id):
+        uow.add(
+            workflow.new_run(child_id, cmd.input, parent_run_id=parent.id, parent_step=cmd.name)
+        )
+    return Applied()
+
+
+@handles(c.ResolveChild)
+def _resolve_child(app: WorkflowRuns, uow: UnitOfWork, cmd: c.ResolveChild) -> Reply:
+    """Resume a parent with the outcome of its ended child."""
+    parent = _run(uow, cmd.run_id)
+    state = parent.children.get(cmd.name)
+    if state is None or state.outcome != "pending":
+        parent.complete_child(cmd.name)  # raises, or is a no-op
+        return Applied()
+    child = _run(uow, state.run_id)
+    if child.status is RunStatus.COMPLETED:
+        parent.complete_child(cmd.name, output=child.output)
+    elif child.status is RunStatus.FAILED:
+        parent.complete_child(cmd.name, error=child.error)
+    elif child.status is RunStatus.CANCELLED:
+        error: dict[str, JSON] = {
+            "type": "ChildCancelled",
+            "message": f"child run {child.id} was cancelled",
+        }
+        parent.complete_child(cmd.name, error=error)
+    else:
+        raise InvalidStateError(f"child run {child.id} is still {child.status}")
+    return Applied()
+
+
+@handles(c.EmitEvent, EventSentReply)
+def _emit_event(app: WorkflowRuns, uow: UnitOfWork, cmd: c.EmitEvent) -> Reply:
+    """Record a run's sent event and the inbound event itself, in one transaction."""
+    run = _run(uow, cmd.run_id)
+    event_id = run.send_event(cmd.name, cmd.event_name, cmd.data)
+    created = not uow.exists(event_id)
+    if created:
+        uow.add(InboundEvent.receive(event_id, cmd.event_name, cmd.data, sent_by_run=run.id))
+    return EventSentReply(event_id=event_id, created=created)
+
+
+@handles(c.CompleteRun)
+def _complete_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.CompleteRun) -> Reply:
+    _run(uow, cmd.run_id).complete(cmd.output)
+    return Applied()
+
+
+@handles(c.FailRun)
+def _fail_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.FailRun) -> Reply:
+    _run(uow, cmd.run_id).fail(cmd.error.model_dump())
+    return Applied()
+
+
+@handles(c.TimeOutRun)
+def _time_out_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.TimeOutRun) -> Reply:
+    _run(uow, cmd.run_id).time_out()
+    return Applied()
+
+
+@handles(c.CompensateStep)
+def _compensate_step(app: WorkflowRuns, uow: UnitOfWork, cmd: c.CompensateStep) -> Reply:
+    _run(uow, cmd.run_id).compensate_step(cmd.step)
+    return Applied()
+
+
+COMMANDS: dict[str, type[c.Command]] = {command_name(t): t for t in _HANDLERS}
+"""Every command by its wire name (``start_run``, ...): the NATS/HTTP command vocabulary."""
+
+
+# ---------------------------------------------------------------------------- loading
+def _run(uow: UnitOfWork, run_id: UUID) -> WorkflowRun:
+    try:
+        return uow.get(run_id, WorkflowRun)
+    except AggregateNotFoundError:
+        raise RunNotFoundError(run_id) from None
+
+
+def _inbound_event(uow: UnitOfWork, event_id: UUID) -> InboundEvent:
+    try:
+        return uow.get(event_id, InboundEvent)
+    except AggregateNotFoundError:
+        raise EventNotFoundError(event_id) from None
+
+
+def _workflow_type(uow: UnitOfWork, name: str) -> WorkflowType:
+    check_name("workflow", name)  # a malformed name is invalid, not merely unknown
+    try:
+        return uow.get(workflow_type_id(name), WorkflowType)
+    except AggregateNotFoundError:
+        raise UnknownWorkflowError(name) from None
+
+
+def _new_events(uow: UnitOfWork, before: dict[UUID, int]) -> list[tuple[UUID, int]]:
+    """The (aggregate id, pending index) of every event appended since ``before``."""
+    return [
+        (aggregate_id, index)
+        for aggregate_id, count in uow.pending().items()
+        for index in range(before.get(aggregate_id, 0), count)
+    ]
+
+
+R = TypeVar("R", bound=Reply)
+
+
+def _typed(reply: Reply, kind: type[R]) -> R:
+    assert isinstance(reply, kind), reply
+    return reply

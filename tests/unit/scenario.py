@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 from uuid import UUID
 
 from eventsourcing.domain import DomainEventProtocol
@@ -12,34 +12,10 @@ from domain.errors import DomainError
 from domain.workflow_run import WorkflowRun
 from services import commands as c
 from services.clock import ManualClock
-from services.workflow_runs import Applied, WorkflowRuns
+from services.workflow_runs import Reply, WorkflowRuns
 
 Event = DomainEventProtocol[UUID]
 E = TypeVar("E")
-
-HANDLERS: Mapping[type[c.Command], Callable[[WorkflowRuns, Any], Applied]] = {
-    c.StartRun: WorkflowRuns.start_run,
-    c.SendEvent: WorkflowRuns.send_event,
-    c.CancelRun: WorkflowRuns.cancel_run,
-    c.RetryRun: WorkflowRuns.retry_run,
-    c.RegisterWorkflow: WorkflowRuns.register_workflow,
-    c.StartStep: WorkflowRuns.start_step,
-    c.CompleteStep: WorkflowRuns.complete_step,
-    c.FailStep: WorkflowRuns.fail_step,
-    c.StartSleep: WorkflowRuns.start_sleep,
-    c.FireTimer: WorkflowRuns.fire_timer,
-    c.StartWait: WorkflowRuns.start_wait,
-    c.DeliverEvent: WorkflowRuns.deliver_event,
-    c.TimeOutWait: WorkflowRuns.time_out_wait,
-    c.StartChild: WorkflowRuns.start_child,
-    c.ResolveChild: WorkflowRuns.resolve_child,
-    c.EmitEvent: WorkflowRuns.emit_event,
-    c.CompleteRun: WorkflowRuns.complete_run,
-    c.FailRun: WorkflowRuns.fail_run,
-    c.TimeOutRun: WorkflowRuns.time_out_run,
-    c.CompensateStep: WorkflowRuns.compensate_step,
-}
-"""Each command class and the WorkflowRuns handler that applies it."""
 
 
 class Scenario:
@@ -50,14 +26,14 @@ class Scenario:
         self.app = WorkflowRuns(
             env={"PERSISTENCE_MODULE": "eventsourcing.popo"}, clock=self.clock, rand=lambda: 0.5
         )
-        self.reply: Applied | None = None
+        self.reply: Reply | None = None
         self.error: DomainError | None = None
         self.new_events: list[Event] = []
         self.head_before = 0
 
-    def apply(self, command: c.Command) -> Applied:
-        """Send one command through its handler, as a client or worker would."""
-        return HANDLERS[type(command)](self.app, command)
+    def apply(self, command: c.Command) -> Reply:
+        """Send one command through the service, as a client or worker would."""
+        return self.app.handle(command)
 
     def given(self, *commands: c.Command) -> Scenario:
         for command in commands:

@@ -29,8 +29,8 @@ from domain.values import RetryPolicy, Timeouts
 from domain.workflow_run import RunStatus, StepStatus, WorkflowRun
 from domain.workflow_type import WorkflowType
 from services import commands as c
-from services.workflow_runs import EventSentReply, RunStartedReply
-from tests.unit.scenario import HANDLERS, Scenario
+from services.workflow_runs import COMMANDS, EventSentReply, RunStartedReply
+from tests.unit.scenario import Scenario
 
 WORKFLOW = "orders"
 KEY = "order-1"
@@ -102,7 +102,7 @@ def test_every_command_has_a_handler() -> None:
         and issubclass(cls, c.Command)
         and cls not in (c.Command, c.RunCommand)
     }
-    assert concrete == set(HANDLERS)
+    assert concrete == set(COMMANDS.values())
 
 
 # ----------------------------------------------------------------------------- start_run

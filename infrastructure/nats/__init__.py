@@ -1,0 +1,1 @@
+"""NATS adapters: subject and stream names, the command service, the relay."""

@@ -1,0 +1,95 @@
+"""Durable command_id deduplication and group commit on the real PostgreSQL store."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+
+from domain.errors import RunNotFoundError
+from domain.ids import run_id_for
+from infrastructure.bootstrap import bootstrap
+from infrastructure.postgres.schema import PostgresParams
+from infrastructure.settings import Settings
+from services import commands as c
+from services.workflow_runs import Reply, RunStartedReply, WorkflowRuns
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def apps(database_settings: Settings) -> Iterator[tuple[WorkflowRuns, WorkflowRuns]]:
+    """Two service instances on one store, as two command-service processes would be."""
+    first, second = bootstrap(database_settings), bootstrap(database_settings)
+    first.register_workflow(c.RegisterWorkflow(name="orders"))
+    try:
+        yield first, second
+    finally:
+        first.close()
+        second.close()
+
+
+def commands_logged(settings: Settings, command_id: str) -> list[tuple[str, int]]:
+    with psycopg.connect(PostgresParams.from_url(settings.database_url).conninfo()) as conn:
+        rows = conn.execute(
+            "SELECT name, position FROM ledgerflow_commands WHERE command_id = %s", (command_id,)
+        ).fetchall()
+    return [(str(name), int(position)) for name, position in rows]
+
+
+def test_a_retried_command_returns_its_first_reply_from_the_store(
+    apps: tuple[WorkflowRuns, WorkflowRuns], database_settings: Settings
+) -> None:
+    first_app, second_app = apps
+    command = c.StartRun(workflow="orders", input={"n": 1}, command_id="client-7/req-1")
+    first = first_app.handle(command)
+    head = first_app.recorder.max_notification_id()
+    again = second_app.handle(command)  # another instance: only the store remembers
+    assert again == first
+    assert first_app.recorder.max_notification_id() == head
+    assert commands_logged(database_settings, "client-7/req-1") == [("start_run", first.position)]
+
+
+def test_instances_racing_on_one_command_id_apply_it_once(
+    apps: tuple[WorkflowRuns, WorkflowRuns],
+) -> None:
+    first_app, second_app = apps
+    command = c.StartRun(workflow="orders", command_id="racy")
+    head = first_app.recorder.max_notification_id() or 0
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        replies = list(
+            pool.map(lambda n: (first_app, second_app)[n % 2].handle(command), range(16))
+        )
+    assert len({r.model_dump_json() for r in replies}) == 1
+    assert (first_app.recorder.max_notification_id() or 0) == head + 1
+
+
+def test_a_batch_is_one_transaction_that_logs_every_command_with_its_position(
+    apps: tuple[WorkflowRuns, WorkflowRuns], database_settings: Settings
+) -> None:
+    app, _ = apps
+    batch: list[c.Command] = [
+        c.StartRun(workflow="orders", key=f"o-{n}", command_id=f"b-{n}") for n in range(20)
+    ]
+    batch.insert(5, c.CancelRun(run_id=run_id_for("orders", "missing"), command_id="b-bad"))
+    results = app.execute(batch)
+    assert isinstance(results[5], RunNotFoundError)
+    started = [r for r in results if isinstance(r, RunStartedReply)]
+    assert [r.position for r in started] == sorted(r.position for r in started)
+    assert started[-1].position - started[0].position == 19  # one contiguous insert
+    for n, reply in enumerate(started):
+        assert commands_logged(database_settings, f"b-{n}") == [("start_run", reply.position)]
+    assert commands_logged(database_settings, "b-bad") == []
+
+
+def test_a_batch_whose_commands_all_repeat_appends_nothing(
+    apps: tuple[WorkflowRuns, WorkflowRuns],
+) -> None:
+    app, other = apps
+    batch = [c.StartRun(workflow="orders", command_id=f"r-{n}") for n in range(5)]
+    first: list[Reply | Exception] = list(app.execute(batch))
+    head = app.recorder.max_notification_id()
+    assert list(other.execute(batch)) == first
+    assert app.recorder.max_notification_id() == head
