@@ -31,7 +31,7 @@ def event_store_env(settings: Settings, *, create_tables: bool = False) -> dict[
         "POSTGRES_PASSWORD": params.password,
         "POSTGRES_SCHEMA": settings.db_schema,
         "POSTGRES_POOL_SIZE": str(settings.db_pool_size),
-        "POSTGRES_CONNECT_TIMEOUT": "10",
+        "POSTGRES_CONNECT_TIMEOUT": str(settings.db_connect_timeout),
         "POSTGRES_LOCK_TIMEOUT": "10",
         "CREATE_TABLE": "y" if create_tables else "n",
         "APPLICATION_RECORDER_TOPIC": get_topic(CommandLoggingRecorder),

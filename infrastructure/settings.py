@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8080, ge=1, le=65535)
     db_pool_size: int = Field(default=5, ge=1, le=200)
     db_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    db_connect_timeout: int = Field(default=2, ge=1, le=60)
+    """Seconds to wait for a database connection before a command answers ``unavailable``."""
+    max_command_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """Requests larger than this are refused with ``too_large`` (1 MiB by default)."""
+    max_command_batch: int = Field(default=200, ge=1, le=10_000)
+    """At most this many commands are saved in one transaction (group commit)."""
 
     @field_validator("database_url")
     @classmethod

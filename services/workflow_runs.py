@@ -154,6 +154,12 @@ class WorkflowRuns(Application[UUID]):
 
     name = "ledgerflow"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # eventsourcing names tables after the class; a subclass must keep the same store.
+        if "name" not in cls.__dict__:
+            cls.name = WorkflowRuns.name
+        super().__init_subclass__(**kwargs)
+
     def __init__(
         self,
         env: Mapping[str, str] | None = None,

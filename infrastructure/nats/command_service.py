@@ -1,0 +1,222 @@
+"""The command service: NATS request/reply on ``<prefix>.cmd.<name>``, group-committed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+from eventsourcing.persistence import OperationalError as StoreOperationalError
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from psycopg import OperationalError as PgOperationalError
+from pydantic import ValidationError
+
+from domain.errors import DomainError
+from domain.values import JSON
+from infrastructure import metrics
+from infrastructure.bootstrap import bootstrap
+from infrastructure.nats.names import Names
+from infrastructure.settings import Settings
+from services import commands as c
+from services.workflow_runs import COMMANDS, Result, WorkflowRuns
+
+log = logging.getLogger("ledgerflow.commands")
+
+QUEUE_GROUP = "ledgerflow-commands"
+
+STORE_DOWN_SECONDS = 1.0
+"""After the store fails, commands answer ``unavailable`` at once for this long."""
+
+
+class CommandError(Exception):
+    """A request refused before it reached the domain (parsing, size, name)."""
+
+    def __init__(self, code: str, message: str, details: list[JSON] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.details = code, message, details or []
+
+
+def error_body(code: str, message: str, details: Sequence[JSON] = ()) -> dict[str, JSON]:
+    return {"ok": False, "error": {"code": code, "message": message, "details": list(details)}}
+
+
+def parse_command(name: str, payload: bytes, max_bytes: int) -> c.Command:
+    """Validate one request body against the named command; CommandError when it can't be."""
+    if len(payload) > max_bytes:
+        raise CommandError(
+            "too_large", f"request is {len(payload)} bytes; the limit is {max_bytes}"
+        )
+    command_type = COMMANDS.get(name)
+    if command_type is None:
+        raise CommandError(
+            "invalid_command", f"unknown command {name!r}", [{"known": sorted(COMMANDS)}]
+        )
+    try:
+        body = json.loads(payload or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CommandError("invalid_command", f"request is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise CommandError("invalid_command", "request must be a JSON object")
+    try:
+        return command_type.model_validate(body)
+    except ValidationError as e:
+        details: list[JSON] = [
+            {"loc": [str(p) for p in err["loc"]], "msg": err["msg"], "type": err["type"]}
+            for err in e.errors()
+        ]
+        raise CommandError("invalid_command", f"invalid {name} request", details) from None
+
+
+def reply_body(result: Result) -> dict[str, JSON]:
+    if isinstance(result, DomainError):
+        return error_body(result.code, result.message)
+    return result.to_json()
+
+
+@dataclass
+class _Pending:
+    name: str
+    command: c.Command
+    msg: Msg
+    arrived: float
+
+
+class CommandService:
+    """Answers command requests; applies whatever has queued up as one batch (group commit).
+
+    While one batch is in the database, the next requests queue up and become the next
+    batch: under load batches grow to ``max_batch``, and an idle service adds no delay.
+    """
+
+    def __init__(
+        self,
+        app: WorkflowRuns,
+        names: Names,
+        *,
+        max_bytes: int = 1024 * 1024,
+        max_batch: int = 200,
+    ) -> None:
+        self.app = app
+        self.names = names
+        self.max_bytes = max_bytes
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._store_down_until = 0.0
+        self._worker: asyncio.Task[None] | None = None
+        self._subscription: Any = None
+
+    async def start(self, nc: Client) -> None:
+        self._worker = asyncio.create_task(self._apply_batches(), name="command-batches")
+        self._subscription = await nc.subscribe(
+            self.names.commands_wildcard, queue=QUEUE_GROUP, cb=self._on_request
+        )
+        await nc.flush()  # the server knows the subscription before start() returns
+        log.info(
+            "answering commands on %s (queue group %s)", self.names.commands_wildcard, QUEUE_GROUP
+        )
+
+    async def stop(self) -> None:
+        """Stop taking requests, answer every one already taken, then return."""
+        if self._subscription is not None:
+            await self._subscription.unsubscribe()
+            self._subscription = None
+        await self._queue.join()
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+
+    async def _on_request(self, msg: Msg) -> None:
+        arrived = time.perf_counter()
+        name = msg.subject.rsplit(".", 1)[-1]
+        try:
+            command = parse_command(name, msg.data, self.max_bytes)
+        except CommandError as e:
+            metrics.COMMANDS.labels(
+                name=name if name in COMMANDS else "unknown", outcome=e.code
+            ).inc()
+            await _respond(msg, error_body(e.code, e.message, e.details))
+            return
+        self._queue.put_nowait(_Pending(name, command, msg, arrived))
+
+    async def _apply_batches(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await self._execute(batch)
+                for pending, body in zip(batch, results, strict=True):
+                    self._observe(pending, body)
+                    await _respond(pending.msg, body)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _execute(self, batch: list[_Pending]) -> list[dict[str, JSON]]:
+        unavailable = error_body("unavailable", "the event store is unavailable; retry")
+        if time.monotonic() < self._store_down_until:
+            return [unavailable] * len(batch)  # fail fast: don't queue behind a dead store
+        metrics.COMMAND_BATCH_SIZE.observe(len(batch))
+        try:
+            results = await asyncio.to_thread(self.app.execute, [p.command for p in batch])
+        except (StoreOperationalError, PgOperationalError) as e:
+            log.warning("event store unavailable: %s", e)
+            self._store_down_until = time.monotonic() + STORE_DOWN_SECONDS
+            return [unavailable] * len(batch)
+        except Exception:
+            log.exception("batch of %d commands failed", len(batch))
+            return [error_body("internal", "internal error; nothing was applied")] * len(batch)
+        return [reply_body(result) for result in results]
+
+    @staticmethod
+    def _observe(pending: _Pending, body: dict[str, JSON]) -> None:
+        error = body.get("error")
+        outcome = "ok" if body.get("ok") else str(error["code"] if isinstance(error, dict) else "")
+        metrics.COMMANDS.labels(name=pending.name, outcome=outcome).inc()
+        metrics.COMMAND_SECONDS.labels(name=pending.name).observe(
+            time.perf_counter() - pending.arrived
+        )
+
+
+async def _respond(msg: Msg, body: dict[str, JSON]) -> None:
+    if msg.reply:  # a plain publish wants no answer
+        await msg.respond(json.dumps(body).encode())
+
+
+async def connect_nats(settings: Settings, name: str) -> Client:
+    try:
+        return await nats.connect(
+            settings.nats_url, name=name, connect_timeout=5, max_reconnect_attempts=-1
+        )
+    except Exception as e:
+        raise ConnectionError(
+            f"cannot reach NATS at {settings.nats_url}: {e} (start it with `make up`)"
+        ) from e
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """The ``commands`` role: serve until ``stop`` is set, then answer what is in hand."""
+    app = await asyncio.to_thread(bootstrap, settings)
+    nc = await connect_nats(settings, "ledgerflow-commands")
+    service = CommandService(
+        app,
+        Names(settings.subject_prefix),
+        max_bytes=settings.max_command_bytes,
+        max_batch=settings.max_command_batch,
+    )
+    try:
+        await service.start(nc)
+        await stop.wait()
+        log.info("stopping: answering the commands in hand")
+        await service.stop()
+    finally:
+        await nc.drain()
+        app.close()

@@ -1,0 +1,241 @@
+"""Commands over a real nats-server: every command, every error code, dedup, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from eventsourcing.persistence import IntegrityError
+
+from domain.ids import child_run_id, run_id_for
+from infrastructure.bootstrap import bootstrap, init_database
+from infrastructure.nats.command_service import CommandService
+from infrastructure.nats.names import Names
+from infrastructure.postgres.schema import PostgresParams
+from infrastructure.settings import Settings
+from services.workflow_runs import WorkflowRuns
+from tests.support.servers import PrivatePostgres
+
+pytestmark = pytest.mark.integration
+
+Call = Callable[..., Awaitable[dict[str, Any]]]
+
+
+@asynccontextmanager
+async def serving(app: WorkflowRuns, settings: Settings, **options: Any) -> AsyncIterator[Call]:
+    """A command service on a private subject prefix, and a function that sends requests."""
+    names = Names(f"t{uuid.uuid4().hex[:8]}")
+    server, client = await nats.connect(settings.nats_url), await nats.connect(settings.nats_url)
+    service = CommandService(app, names, **options)
+    await service.start(server)
+
+    async def call(name: str, body: Any = None, raw: bytes | None = None) -> dict[str, Any]:
+        payload = raw if raw is not None else json.dumps(body or {}).encode()
+        reply = await client.request(names.command(name), payload, timeout=30)
+        result: dict[str, Any] = json.loads(reply.data)
+        return result
+
+    try:
+        yield call
+    finally:
+        await service.stop()
+        await client.close()
+        await server.close()
+
+
+def test_every_command_answers_over_nats(database_settings: Settings) -> None:
+    async def scenario(call: Call) -> None:
+        assert (await call("register_workflow", {"name": "orders", "triggers": ["o.placed"]}))["ok"]
+        started = await call("start_run", {"workflow": "orders", "input": {"n": 1}, "key": "k1"})
+        assert started["ok"] and started["created"] is True and started["position"] > 0
+        run = started["run_id"]
+        assert run == str(run_id_for("orders", "k1"))
+
+        async def ok(command: str, **body: Any) -> dict[str, Any]:
+            reply = await call(command, {"run_id": run, **body})
+            assert reply["ok"], (command, reply)
+            return reply
+
+        await ok("start_step", step="charge", attempt=1)
+        await ok("fail_step", step="charge", attempt=1, error={"type": "Timeout", "message": "x"})
+        await ok("start_step", step="charge", attempt=2)
+        await ok("complete_step", step="charge", attempt=2, output={"id": 1}, compensable=True)
+        await ok("start_sleep", name="nap", seconds=60)
+        await ok("fire_timer", name="nap")
+        await ok("start_wait", name="ship", event_name="o.shipped", match={"n": 1})
+        sent = await call("send_event", {"name": "o.shipped", "data": {"n": 1}, "id": "e1"})
+        assert sent["ok"] and sent["created"] is True
+        await ok("deliver_event", name="ship", event_id=sent["event_id"])
+        await ok("start_wait", name="late", event_name="o.late", timeout_seconds=5)
+        await ok("time_out_wait", name="late")
+        await ok("start_child", name="invoice", workflow="orders", input={"child": True})
+        child = str(child_run_id(uuid.UUID(run), "invoice"))
+        assert (await call("complete_run", {"run_id": child, "output": 7}))["ok"]
+        await ok("resolve_child", name="invoice")
+        emitted = await ok("emit_event", name="announce", event_name="o.done", data={"n": 1})
+        assert emitted["created"] is True
+        await ok("complete_run", output={"done": True})
+
+        other = (await call("start_run", {"workflow": "orders", "key": "k2"}))["run_id"]
+        steps: list[tuple[str, dict[str, Any]]] = [
+            ("start_step", {"step": "a", "attempt": 1}),
+            ("complete_step", {"step": "a", "attempt": 1, "compensable": True}),
+            ("fail_run", {"error": {"type": "Boom", "message": "no"}}),
+            ("compensate_step", {"step": "a"}),
+            ("retry_run", {}),
+            ("cancel_run", {"reason": "changed my mind"}),
+        ]
+        for name, body in steps:
+            assert (await call(name, {"run_id": other, **body}))["ok"], name
+        third = (await call("start_run", {"workflow": "orders", "key": "k3"}))["run_id"]
+        assert (await call("time_out_run", {"run_id": third}))["ok"]
+
+    app = bootstrap(database_settings)
+    try:
+        asyncio.run(_with(app, database_settings, scenario))
+        assert app.get_run(run_id_for("orders", "k1")).status == "completed"
+        assert app.get_run(run_id_for("orders", "k2")).status == "cancelled"
+        assert app.get_run(run_id_for("orders", "k3")).status == "failed"
+    finally:
+        app.close()
+
+
+def test_each_kind_of_bad_request_gets_its_error_code_and_appends_nothing(
+    database_settings: Settings,
+) -> None:
+    async def scenario(call: Call) -> None:
+        head = app.recorder.max_notification_id()
+        missing = str(uuid.uuid4())
+        cases: list[tuple[str, Any, bytes | None, str]] = [
+            ("start_run", None, b"{not json", "invalid_command"),
+            ("start_run", None, b"[1, 2]", "invalid_command"),
+            ("start_run", {"workflow": "x", "surprise": 1}, None, "invalid_command"),
+            ("start_run", {"workflow": "bad name!"}, None, "invalid_command"),
+            ("launch_rocket", {}, None, "invalid_command"),
+            ("start_run", {"workflow": "nobody"}, None, "unknown_workflow"),
+            ("cancel_run", {"run_id": missing}, None, "run_not_found"),
+            ("start_run", {"workflow": "big", "input": "x" * 5000}, None, "too_large"),
+        ]
+        for name, body, raw, code in cases:
+            reply = await call(name, body, raw)
+            assert reply["ok"] is False and reply["error"]["code"] == code, (name, reply)
+            assert reply["error"]["message"]
+        invalid = await call("start_run", {"workflow": "x", "surprise": 1})
+        assert invalid["error"]["details"][0]["loc"] == ["surprise"]
+        run = (await call("start_run", {"workflow": "orders"}))["run_id"]
+        await call("complete_run", {"run_id": run})
+        head = app.recorder.max_notification_id()
+        late = await call("start_step", {"run_id": run, "step": "s", "attempt": 1})
+        assert late["error"]["code"] == "invalid_state"
+        assert app.recorder.max_notification_id() == head
+
+    app = bootstrap(database_settings)
+    try:
+        asyncio.run(_with(app, database_settings, _registered(scenario), max_bytes=4096))
+    finally:
+        app.close()
+
+
+def test_a_duplicate_command_id_over_nats_gets_the_first_reply(database_settings: Settings) -> None:
+    async def scenario(call: Call) -> None:
+        request = {"workflow": "orders", "command_id": f"c-{uuid.uuid4()}"}
+        first = await call("start_run", request)
+        head = app.recorder.max_notification_id()
+        assert await call("start_run", request) == first
+        assert app.recorder.max_notification_id() == head
+
+    app = bootstrap(database_settings)
+    try:
+        asyncio.run(_with(app, database_settings, _registered(scenario)))
+    finally:
+        app.close()
+
+
+def test_200_concurrent_starts_with_one_key_make_exactly_one_run(
+    database_settings: Settings,
+) -> None:
+    key = f"cart-{uuid.uuid4().hex[:6]}"
+
+    async def scenario(call: Call) -> None:
+        replies = await asyncio.gather(
+            *(call("start_run", {"workflow": "orders", "key": key}) for _ in range(200))
+        )
+        assert all(r["ok"] for r in replies)
+        assert {r["run_id"] for r in replies} == {str(run_id_for("orders", key))}
+        assert sum(r["created"] for r in replies) == 1
+
+    app = bootstrap(database_settings)
+    try:
+        asyncio.run(_with(app, database_settings, _registered(scenario)))
+        assert app.get_run(run_id_for("orders", key)).version == 1
+    finally:
+        app.close()
+
+
+class _AlwaysConflicting(WorkflowRuns):
+    def save(self, *objs: Any, **kwargs: Any) -> Any:
+        raise IntegrityError("another writer always wins (fault injected)")
+
+
+def test_a_command_that_keeps_conflicting_answers_conflict(database_settings: Settings) -> None:
+    async def scenario(call: Call) -> None:
+        reply = await call("register_workflow", {"name": "contended"})
+        assert reply["error"]["code"] == "conflict"
+
+    app = bootstrap(database_settings)
+    faulty = _AlwaysConflicting(env=app.env)
+    try:
+        asyncio.run(_with(faulty, database_settings, scenario))
+    finally:
+        faulty.close()
+        app.close()
+
+
+def test_commands_answer_unavailable_while_postgres_is_down(
+    tmp_path: Path, database_settings: Settings
+) -> None:
+    with PrivatePostgres(tmp_path) as postgres:
+        settings = Settings(
+            database_url=postgres.dsn_for("ledgerflow"), nats_url=database_settings.nats_url
+        )
+        init_database(settings)
+        app = bootstrap(settings)
+        try:
+
+            async def scenario(call: Call) -> None:
+                assert (await call("register_workflow", {"name": "orders"}))["ok"]
+                postgres.stop()
+                reply = await call("start_run", {"workflow": "orders"})
+                assert reply["error"]["code"] == "unavailable", reply
+                postgres.start()
+                deadline = asyncio.get_running_loop().time() + 30
+                while not (await call("start_run", {"workflow": "orders"}))["ok"]:
+                    assert asyncio.get_running_loop().time() < deadline, "never recovered"
+                    await asyncio.sleep(0.2)  # the pool reconnects in the background
+
+            asyncio.run(_with(app, settings, scenario))
+        finally:
+            app.close()
+    assert PostgresParams.from_url(settings.database_url).dbname == "ledgerflow"
+
+
+async def _with(
+    app: WorkflowRuns, settings: Settings, scenario: Callable[[Call], Awaitable[None]], **kw: Any
+) -> None:
+    async with serving(app, settings, **kw) as call:
+        await scenario(call)
+
+
+def _registered(scenario: Callable[[Call], Awaitable[None]]) -> Callable[[Call], Awaitable[None]]:
+    async def wrapped(call: Call) -> None:
+        assert (await call("register_workflow", {"name": "orders"}))["ok"]
+        await scenario(call)
+
+    return wrapped
