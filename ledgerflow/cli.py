@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from enum import IntEnum, StrEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from ledgerflow import __version__
+
+if TYPE_CHECKING:
+    from infrastructure.settings import Settings
 
 
 class Output(StrEnum):
@@ -88,18 +91,11 @@ def version() -> None:
 def db_init() -> None:
     """Create the database if missing, then the event-store tables (idempotent)."""
     import psycopg
-    from pydantic import ValidationError
 
     from infrastructure.bootstrap import init_database
     from infrastructure.postgres.schema import PostgresParams
-    from infrastructure.settings import Settings
 
-    try:
-        overrides = {"database_url": state.database_url} if state.database_url else {}
-        settings = Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as e:
-        _fail("invalid_command", f"invalid settings: {e.errors()[0]['msg']}", Exit.USAGE)
-        return
+    settings = _settings()
     if not settings.uses_postgres:
         _emit({"ok": True, "created": False}, "in-memory store: nothing to initialise")
         return
@@ -120,6 +116,52 @@ def db_init() -> None:
         {"ok": True, "database": params.dbname, "created": created},
         f"database [bold]{params.dbname}[/] {verb} at {where}; tables ready",
     )
+
+
+class Role(StrEnum):
+    COMMANDS = "commands"
+    RELAY = "relay"
+    PROJECTIONS = "projections"
+    API = "api"
+    ALL = "all"
+
+
+@app.command()
+def serve(
+    role: Annotated[
+        list[Role], typer.Option("--role", "-r", help="what to run; repeat it, or 'all'")
+    ] = [Role.ALL],  # noqa: B006 - typer reads the default, never mutates it
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run service roles (commands, relay, projections, api) until SIGTERM."""
+    import asyncio
+    import logging
+
+    from infrastructure.serve import ROLES
+    from infrastructure.serve import serve as serve_roles
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = _settings()
+    roles = list(ROLES) if Role.ALL in role else list(dict.fromkeys(r.value for r in role))
+    try:
+        asyncio.run(serve_roles(settings, roles))
+    except ConnectionError as e:
+        _fail("unavailable", str(e), Exit.UNAVAILABLE)
+
+
+def _settings() -> Settings:
+    from pydantic import ValidationError
+
+    from infrastructure.settings import Settings
+
+    try:
+        overrides = {"database_url": state.database_url} if state.database_url else {}
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        _fail("invalid_command", f"invalid settings: {e.errors()[0]['msg']}", Exit.USAGE)
+        raise AssertionError("unreachable") from e
 
 
 def main() -> None:
