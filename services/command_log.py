@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError, StoredEvent
 from eventsourcing.popo import POPOApplicationRecorder
@@ -31,6 +32,10 @@ class CommandRecord:
 class CommandLog(Protocol):
     def select_command_replies(self, command_ids: Sequence[str]) -> dict[str, dict[str, JSON]]:
         """The first reply of each command id that was applied before."""
+        ...
+
+    def select_existing(self, originator_ids: Sequence[UUID]) -> set[UUID]:
+        """Which of these aggregates have events (one query for a whole batch)."""
         ...
 
 
@@ -66,3 +71,7 @@ class POPOCommandRecorder(POPOApplicationRecorder):
     def select_command_replies(self, command_ids: Sequence[str]) -> dict[str, dict[str, JSON]]:
         with self._database_lock:
             return {i: self._replies[i] for i in command_ids if i in self._replies}
+
+    def select_existing(self, originator_ids: Sequence[UUID]) -> set[UUID]:
+        with self._database_lock:
+            return {i for i in originator_ids if self._stored_events_index.get(str(i))}

@@ -82,6 +82,7 @@ class UnitOfWork:
         self.app = app
         self._aggregates: dict[UUID, Aggregate] = {}
         self._missing: set[UUID] = set()
+        self._existing: set[UUID] = set()
 
     def get(self, aggregate_id: UUID, kind: type[A]) -> A:
         aggregate = self._aggregates.get(aggregate_id)
@@ -99,9 +100,15 @@ class UnitOfWork:
         return aggregate
 
     def exists(self, aggregate_id: UUID) -> bool:
-        if aggregate_id in self._aggregates:
+        if aggregate_id in self._aggregates or aggregate_id in self._existing:
             return True
         return aggregate_id not in self._missing and aggregate_id in self.app.repository
+
+    def prefetch_existence(self, aggregate_ids: Sequence[UUID], log: CommandLog) -> None:
+        """Learn in one query which of many aggregates exist (keyed starts, resent events)."""
+        existing = log.select_existing(aggregate_ids)
+        self._existing |= existing
+        self._missing |= set(aggregate_ids) - existing
 
     def add(self, aggregate: Aggregate) -> None:
         self._aggregates[aggregate.id] = aggregate
@@ -213,6 +220,8 @@ class WorkflowRuns(Application[UUID]):
 
     def _execute_once(self, commands: Sequence[c.Command]) -> list[Result]:
         uow = UnitOfWork(self)
+        if len(commands) > 1 and isinstance(self.recorder, CommandLog):
+            uow.prefetch_existence(_deterministic_ids(commands), self.recorder)
         first_replies = self._first_replies(commands)
         outcomes: list[_Decided | Result | int] = []
         first_index: dict[str, int] = {}
@@ -583,6 +592,13 @@ def _workflow_type(uow: UnitOfWork, name: str) -> WorkflowType:
         return uow.get(workflow_type_id(name), WorkflowType)
     except AggregateNotFoundError:
         raise UnknownWorkflowError(name) from None
+
+
+def _deterministic_ids(commands: Sequence[c.Command]) -> list[UUID]:
+    """The ids that keyed starts and identified events will land on."""
+    ids = [run_id_for(m.workflow, m.key) for m in commands if isinstance(m, c.StartRun) and m.key]
+    ids += [inbound_event_id(m.id) for m in commands if isinstance(m, c.SendEvent) and m.id]
+    return ids
 
 
 def _new_events(uow: UnitOfWork, before: dict[UUID, int]) -> list[tuple[UUID, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
@@ -43,6 +44,9 @@ class CommandLoggingRecorder(PostgresApplicationRecorder):
         self._insert_commands = SQL(
             "INSERT INTO {} (command_id, name, reply, position) VALUES (%s, %s, %s, %s)"
         ).format(table)
+        self._select_existing = SQL(
+            "SELECT DISTINCT originator_id FROM {} WHERE originator_id = ANY(%s)"
+        ).format(Identifier(self.datastore.schema, events_table_name))
         self._select_commands = SQL(
             "SELECT command_id, reply FROM {} WHERE command_id = ANY(%s)"
         ).format(table)
@@ -62,6 +66,13 @@ class CommandLoggingRecorder(PostgresApplicationRecorder):
             with curs.connection.pipeline():
                 curs.executemany(self._insert_commands, rows)
         return notification_ids
+
+    def select_existing(self, originator_ids: Sequence[UUID]) -> set[UUID]:
+        if not originator_ids:
+            return set()
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._select_existing, (list(originator_ids),))
+            return {row["originator_id"] for row in curs.fetchall()}
 
     def select_command_replies(self, command_ids: Sequence[str]) -> dict[str, dict[str, JSON]]:
         if not command_ids:

@@ -1,0 +1,1 @@
+"""Reproducible performance scripts: each prints its figures and the ratio to its target."""
