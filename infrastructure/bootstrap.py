@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from eventsourcing.utils import get_topic
 
+from infrastructure.postgres.read_model_schema import init_read_models
 from infrastructure.postgres.recorder import CommandLoggingRecorder
 from infrastructure.postgres.schema import PostgresParams, ensure_database
 from infrastructure.settings import Settings
@@ -60,4 +61,5 @@ def init_database(settings: Settings) -> bool:
     created = ensure_database(settings.database_url)
     app = bootstrap(settings, create_tables=True)
     app.close()
+    init_read_models(settings)
     return created

@@ -1,0 +1,280 @@
+"""The projections role: a durable JetStream consumer per projection keeps its read model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import psycopg
+from eventsourcing.persistence import PersistenceError
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from psycopg_pool import ConnectionPool
+
+from infrastructure.bootstrap import bootstrap
+from infrastructure.event_log import read_after
+from infrastructure.nats.connect import connect
+from infrastructure.nats.names import Names
+from infrastructure.nats.streams import STREAM_NAME_IN_USE, StreamLimits, events_config
+from infrastructure.postgres import read_model_schema as s
+from infrastructure.postgres.read_models import (
+    READ_BATCH,
+    Reader,
+    ReadModelsMissingError,
+    apply_batch,
+    catch_up,
+    open_pool,
+)
+from infrastructure.settings import Settings
+from projections.catalog import PROJECTIONS
+from projections.records import EventRecord
+from services.workflow_runs import WorkflowRuns
+
+log = logging.getLogger("ledgerflow.projections")
+
+FETCH_BATCH = 500
+"""Messages fetched (and applied in one transaction) at a time."""
+FETCH_TIMEOUT = 1.0
+"""Seconds a fetch waits for messages; also how soon a stop is noticed when idle."""
+RETRY_DELAY = 1.0
+"""Seconds before trying again after a failure (database or NATS down, stream missing)."""
+ACK_WAIT = 60.0
+"""Seconds JetStream waits for an ack before redelivering (a batch takes far less)."""
+BUG_DELAY = 10.0
+"""Seconds before trying again after an unexpected error (it is logged with its trace)."""
+
+MISSING = "the read-model tables are missing: run `ledgerflow db init`"
+
+TRANSIENT = (psycopg.Error, PersistenceError, OSError)
+"""Errors of an unavailable database: wait and try again."""
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Keep every projection up to date until ``stop`` is set, then finish the batch in hand.
+
+    Each projection follows its own durable consumer on the events stream, and the event
+    store whenever the stream has nothing for it but the store has more (relay behind,
+    stream purged or not created yet). Raises ReadModelsMissingError before `db init`.
+    """
+    names = Names(settings.subject_prefix)
+    pool = await asyncio.to_thread(open_pool, settings, len(PROJECTIONS) + 1)
+    app: WorkflowRuns | None = None
+    try:
+        positions = await asyncio.to_thread(_live_positions, pool, settings.db_schema)
+        app = await asyncio.to_thread(bootstrap, settings)
+        read = partial(read_after, app)
+        nc = await connect(settings, name="ledgerflow-projections")
+        try:
+            js = nc.jetstream()
+            log.info("projections following %s from %s", names.events_stream, positions)
+            with contextlib.suppress(nats.errors.Error):  # else each builder tries again
+                await ensure_events_stream(js, names)
+            async with asyncio.TaskGroup() as group:
+                for name, position in positions.items():
+                    builder = ProjectionBuilder(name, settings.db_schema, names, js, pool, read)
+                    builder.position = position
+                    group.create_task(builder.run(stop), name=f"projection-{name}")
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await nc.flush(timeout=5)  # the last acks leave before the connection closes
+            await nc.close()
+    finally:
+        if app is not None:
+            await asyncio.to_thread(app.close)
+        await asyncio.to_thread(pool.close)
+    log.info("projections stopped")
+
+
+def _live_positions(pool: ConnectionPool[psycopg.Connection[Any]], schema: str) -> dict[str, int]:
+    with pool.connection() as conn:
+        try:
+            found = {name: s.live(conn, schema, name) for name in PROJECTIONS}
+        except psycopg.errors.UndefinedTable:
+            raise ReadModelsMissingError(MISSING) from None
+    missing = [name for name, tracked in found.items() if tracked is None]
+    if missing:
+        raise ReadModelsMissingError(f"{MISSING} (no live version of {', '.join(missing)})")
+    return {name: tracked.position for name, tracked in found.items() if tracked is not None}
+
+
+class ProjectionBuilder:
+    """One projection: fetch a batch, apply it with its position in one transaction, ack."""
+
+    def __init__(
+        self,
+        name: str,
+        schema: str,
+        names: Names,
+        js: JetStreamContext,
+        pool: ConnectionPool[psycopg.Connection[Any]],
+        read: Reader,
+    ) -> None:
+        self.name = name
+        self.schema = schema
+        self.names = names
+        self.js = js
+        self.pool = pool
+        self.read = read
+        self.durable = names.consumer(name)
+        self.position = 0
+        """The last position this process saw committed (others may be further on)."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        subscription: JetStreamContext.PullSubscription | None = None
+        while not stop.is_set():
+            try:
+                subscription = await self._step(subscription, stop)
+            except nats.errors.Error as error:
+                log.warning("%s: %s; subscribing again in %g s", self.name, error, RETRY_DELAY)
+                await _unsubscribe(subscription)
+                subscription = None
+                await _pause(stop, RETRY_DELAY)
+            except TRANSIENT as error:
+                log.warning("%s: %s; retrying in %g s", self.name, error, RETRY_DELAY)
+                await _pause(stop, RETRY_DELAY)
+            except Exception:
+                # A bug or an unexpected record: say so loudly, keep the other projections.
+                log.exception("%s: failed; retrying in %g s", self.name, BUG_DELAY)
+                await _pause(stop, BUG_DELAY)
+        await _unsubscribe(subscription)
+
+    async def _step(
+        self, subscription: JetStreamContext.PullSubscription | None, stop: asyncio.Event
+    ) -> JetStreamContext.PullSubscription | None:
+        """One round: subscribe if need be, then apply one batch (or catch up when idle)."""
+        if subscription is None:
+            subscription = await self._subscribe()
+            if subscription is None:
+                await self._catch_up_if_behind()
+                await _pause(stop, RETRY_DELAY)
+                return None
+            if not await self._has_pending():
+                await self._catch_up_if_behind()
+        try:
+            messages = await subscription.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT)
+        except nats.errors.TimeoutError:
+            # Nothing in the stream for us: if the store has more, the relay is behind or
+            # the stream was purged. The store is the truth: follow it.
+            await self._catch_up_if_behind()
+            return subscription
+        await self._handle(messages)
+        return subscription
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription | None:
+        stream = self.names.events_stream
+        if not await ensure_events_stream(self.js, self.names):
+            return None
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            filter_subject=self.names.events_wildcard,
+            ack_wait=ACK_WAIT,
+            max_ack_pending=FETCH_BATCH * 4,
+        )
+        subscription = await self.js.pull_subscribe(
+            self.names.events_wildcard, durable=self.durable, stream=stream, config=config
+        )
+        log.info("%s: consuming %s as %s", self.name, stream, self.durable)
+        return subscription
+
+    async def _has_pending(self) -> bool:
+        info = await self.js.consumer_info(self.names.events_stream, self.durable)
+        return bool((info.num_pending or 0) + (info.num_ack_pending or 0))
+
+    async def _handle(self, messages: Sequence[Msg]) -> None:
+        records = [r for r in map(self._decode, messages) if r is not None]
+        if any(r.position > self.position for r in records):
+            try:
+                await asyncio.to_thread(self._apply, records)
+            except Exception:
+                for message in messages:
+                    await message.nak(delay=RETRY_DELAY)
+                raise
+        for message in messages:
+            await message.ack()  # after the commit: a crash before this only redelivers
+
+    def _decode(self, message: Msg) -> EventRecord | None:
+        try:
+            return EventRecord.from_json(json.loads(message.data))
+        except (ValueError, KeyError, TypeError) as error:
+            # Harmless: the next record's prev_position shows the gap, filled from the store.
+            log.warning("%s: undecodable message on %s: %s", self.name, message.subject, error)
+            return None
+
+    def _apply(self, records: list[EventRecord]) -> None:
+        with self.pool.connection() as conn:
+            first = min(records, key=lambda r: r.position)
+            if first.prev_position > self.position + READ_BATCH:
+                # A large gap (purged stream): fill it in batches, not in one transaction.
+                self._caught_up(
+                    catch_up(conn, self.schema, self.name, self.read, until=first.prev_position)
+                )
+            result = apply_batch(conn, self.schema, self.name, records, self.read)
+        self.position = max(self.position, result.position)
+        if result.backfilled:
+            log.info(
+                "%s: gap before %d: %d record(s) read from the store",
+                self.name,
+                first.position,
+                result.backfilled,
+            )
+        log.debug("%s: applied %d, now at %d", self.name, result.applied, result.position)
+
+    async def _catch_up_if_behind(self) -> None:
+        await asyncio.to_thread(self._catch_up_if_behind_sync)
+
+    def _catch_up_if_behind_sync(self) -> None:
+        with self.pool.connection() as conn:
+            if self.position >= s.store_head(conn, self.schema):
+                return
+            self._caught_up(catch_up(conn, self.schema, self.name, self.read))
+            self.position = max(self.position, self._tracked(conn).position)
+
+    def _caught_up(self, applied: int) -> None:
+        if applied:
+            log.info("%s: %d record(s) applied from the store", self.name, applied)
+
+    def _tracked(self, conn: psycopg.Connection[Any]) -> s.Tracked:
+        tracked = s.live(conn, self.schema, self.name)
+        if tracked is None:
+            raise ReadModelsMissingError(MISSING)
+        return tracked
+
+
+async def ensure_events_stream(js: JetStreamContext, names: Names) -> bool:
+    """Create the events stream if missing, as the relay would (never reconfigure it: that
+    is the relay's business); False if it cannot be had yet (then follow the store)."""
+    try:
+        await js.stream_info(names.events_stream)
+        return True
+    except nats.js.errors.NotFoundError:
+        pass
+    try:
+        await js.add_stream(events_config(names, StreamLimits()))
+        log.info("created stream %s", names.events_stream)
+        return True
+    except nats.js.errors.APIError as error:
+        if error.err_code == STREAM_NAME_IN_USE:
+            return True  # the relay created it meanwhile, with limits of its own
+        log.warning("no stream %s (%s); following the store", names.events_stream, error)
+        return False
+
+
+async def _unsubscribe(subscription: JetStreamContext.PullSubscription | None) -> None:
+    if subscription is not None:
+        with contextlib.suppress(nats.errors.Error):
+            await subscription.unsubscribe()
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
