@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from enum import IntEnum, StrEnum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -14,6 +16,8 @@ from ledgerflow import __version__
 
 if TYPE_CHECKING:
     from infrastructure.settings import Settings
+
+T = TypeVar("T")
 
 
 class Output(StrEnum):
@@ -36,6 +40,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Manage the event-store database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+projections_app = typer.Typer(help="Read models: lag, and rebuilds.", no_args_is_help=True)
+app.add_typer(projections_app, name="projections")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -116,6 +122,124 @@ def db_init() -> None:
         {"ok": True, "database": params.dbname, "created": created},
         f"database [bold]{params.dbname}[/] {verb} at {where}; tables ready",
     )
+
+
+@projections_app.command("status")
+def projections_status() -> None:
+    """Every projection's position, the store's head, and the lag between them."""
+    from rich.table import Table
+
+    from infrastructure.postgres.read_models import status
+
+    rows = _with_database(status)
+    if state.output is Output.JSON:
+        sys.stdout.write(json.dumps([vars(row) for row in rows]) + "\n")
+        return
+    table = Table("projection", "version", "position", "head", "lag", "state")
+    for row in rows:
+        lag = f"[green]{row.lag}[/]" if row.lag == 0 else f"[yellow]{row.lag}[/]"
+        table.add_row(row.name, str(row.version), str(row.position), str(row.head), lag, row.state)
+    console.print(table)
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    name: Annotated[str | None, typer.Argument(help="runs, workflows or inbound_events")] = None,
+    every: Annotated[bool, typer.Option("--all", help="rebuild every projection")] = False,
+) -> None:
+    """Build a projection anew from the event store beside the live one, then swap it in."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from infrastructure.postgres.read_models import RebuildInProgressError, rebuild
+    from projections.catalog import UnknownProjectionError, projection_names
+
+    if (name is None) == (not every):
+        _fail("invalid_command", "name one projection, or give --all", Exit.USAGE)
+    try:
+        names = projection_names(None if every else name)
+    except UnknownProjectionError as e:
+        _fail("invalid_command", str(e), Exit.USAGE)
+        return
+    done: list[dict[str, Any]] = []
+    with Progress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8,.0f} events/s  {task.fields[left]:>9,} remaining"),
+        console=err_console,
+        disable=state.output is Output.JSON,
+    ) as bar:
+        for each in names:
+            task = bar.add_task(each, total=None, rate=0.0, left=0)
+            started = time.perf_counter()
+            seen = _Seen()
+
+            def report(position: int, head: int, task: Any = task, seen: _Seen = seen) -> None:
+                seen.add(position)
+                bar.update(
+                    task, completed=position, total=head, rate=seen.rate(), left=head - position
+                )
+
+            def run_one(settings: Settings, name: str = each, report: Any = report) -> None:
+                rebuild(settings, name, report)
+
+            try:
+                _with_database(run_one)
+            except RebuildInProgressError as e:
+                _fail("conflict", str(e), Exit.FAILED)
+            seconds = time.perf_counter() - started
+            position = seen.last
+            done.append({"name": each, "position": position, "seconds": round(seconds, 3)})
+    _emit(
+        {"ok": True, "rebuilt": done},
+        "\n".join(
+            f"rebuilt [bold]{d['name']}[/] up to {d['position']} in {d['seconds']} s" for d in done
+        ),
+    )
+
+
+class _Seen:
+    """The last position a rebuild reported, for its events-per-second figure."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.last = 0
+
+    def add(self, position: int) -> None:
+        self.last = position
+
+    def rate(self) -> float:
+        # A rebuild reads the store from its first event, so its rate is position over time.
+        return self.last / max(time.perf_counter() - self.started, 1e-9)
+
+
+def _with_database(action: Callable[[Settings], T]) -> T:
+    """Run ``action`` on the configured database; say which server failed if it is down."""
+    import psycopg
+
+    from infrastructure.postgres.read_models import ReadModelsMissingError
+    from infrastructure.postgres.schema import PostgresParams
+
+    settings = _settings()
+    try:
+        return action(settings)
+    except (psycopg.errors.UndefinedTable, ReadModelsMissingError) as e:
+        _fail(
+            "unavailable",
+            f"the database has no ledgerflow tables yet: {str(e).splitlines()[0]}",
+            Exit.UNAVAILABLE,
+            hint="create them with `ledgerflow db init` (it is idempotent)",
+        )
+        raise AssertionError("unreachable") from e
+    except psycopg.OperationalError as e:
+        params = PostgresParams.from_url(settings.database_url)
+        _fail(
+            "unavailable",
+            f"cannot reach PostgreSQL at {params.host}:{params.port}: {str(e).strip()}",
+            Exit.UNAVAILABLE,
+            hint="start it with `make up`, or set LEDGERFLOW_DATABASE_URL",
+        )
+        raise AssertionError("unreachable") from e
 
 
 class Role(StrEnum):
