@@ -160,7 +160,6 @@ def projections_rebuild(
     except UnknownProjectionError as e:
         _fail("invalid_command", str(e), Exit.USAGE)
         return
-    done: list[dict[str, Any]] = []
     with Progress(
         TextColumn("{task.description:<16}"),
         BarColumn(),
@@ -169,27 +168,24 @@ def projections_rebuild(
         console=err_console,
         disable=state.output is Output.JSON,
     ) as bar:
-        for each in names:
-            task = bar.add_task(each, total=None, rate=0.0, left=0)
-            started = time.perf_counter()
-            seen = _Seen()
+        # --all rebuilds in lockstep (each batch read once for every projection): one bar.
+        task = bar.add_task("all projections" if every else names[0], total=None, rate=0.0, left=0)
+        started = time.perf_counter()
+        seen = _Seen()
 
-            def report(position: int, head: int, task: Any = task, seen: _Seen = seen) -> None:
-                seen.add(position)
-                bar.update(
-                    task, completed=position, total=head, rate=seen.rate(), left=head - position
-                )
+        def report(position: int, head: int) -> None:
+            seen.add(position)
+            bar.update(task, completed=position, total=head, rate=seen.rate(), left=head - position)
 
-            def run_one(settings: Settings, name: str = each, report: Any = report) -> None:
-                rebuild(settings, name, report)
+        def run(settings: Settings) -> None:
+            rebuild(settings, None if every else names[0], report)
 
-            try:
-                _with_database(run_one)
-            except RebuildInProgressError as e:
-                _fail("conflict", str(e), Exit.FAILED)
-            seconds = time.perf_counter() - started
-            position = seen.last
-            done.append({"name": each, "position": position, "seconds": round(seconds, 3)})
+        try:
+            _with_database(run)
+        except RebuildInProgressError as e:
+            _fail("conflict", str(e), Exit.FAILED)
+        seconds = round(time.perf_counter() - started, 3)
+        done = [{"name": n, "position": seen.last, "seconds": seconds} for n in names]
     _emit(
         {"ok": True, "rebuilt": done},
         "\n".join(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -219,42 +219,51 @@ def rebuild(
     batch_size: int = READ_BATCH,
 ) -> None:
     """Rebuild projection ``name`` (every projection when None) from the store, beside the
-    live version, then swap it in atomically and drop the old one: readers never wait."""
+    live version, then swap it in atomically and drop the old one: readers never wait.
+
+    Several projections are rebuilt in lockstep: each batch is read from the store once
+    and applied to every new version.
+    """
     names = projection_names(name)
     with store_reader(settings) as read, connect(settings) as conn:
-        for each in names:
-            rebuild_one(conn, settings.db_schema, each, read, progress, batch_size=batch_size)
+        rebuild_many(conn, settings.db_schema, names, read, progress, batch_size=batch_size)
 
 
-def rebuild_one(
+def rebuild_many(
     conn: psycopg.Connection[Any],
     schema: str,
-    name: str,
+    names: Sequence[str],
     read: Reader,
     progress: Progress | None = None,
     *,
     batch_size: int = READ_BATCH,
-) -> int:
-    """Build the next version of ``name``, swap it in, drop the old one; the new version."""
-    with _rebuild_guard(conn, schema, name):
-        version = _start_version(conn, schema, name)
-        log.info("rebuilding %s as version %d", name, version)
-
-        def report(position: int) -> None:
+) -> dict[str, int]:
+    """Build the next version of each projection, swap each in, drop the old ones."""
+    with ExitStack() as guards:
+        for name in names:
+            guards.enter_context(_rebuild_guard(conn, schema, name))
+        versions = {name: _start_version(conn, schema, name) for name in names}
+        log.info("rebuilding %s", ", ".join(f"{n} as version {v}" for n, v in versions.items()))
+        # Bulk phase: no secondary indexes yet, so inserts stay cheap.
+        position = 0
+        while records := list(read(position, batch_size)):
+            for name, version in versions.items():
+                apply_batch(conn, schema, name, records, read, version=version)
+            position = records[-1].position
             if progress is not None:
                 progress(position, s.store_head(conn, schema))
-
-        # Bulk phase: no secondary indexes yet, so inserts stay cheap.
-        catch_up(conn, schema, name, read, version=version, batch_size=batch_size, progress=report)
-        with conn.transaction():
-            s.create_indexes(conn, schema, name, version)
-        retired = _swap(conn, schema, name, version, read, batch_size)
-        for old in retired:
-            _drop_retired(conn, schema, name, old)
-        with conn.transaction():
-            report(_target(conn, schema, name, version).position)  # the swap's last records
-        log.info("rebuilt %s: version %d is live, dropped %s", name, version, retired or "none")
-        return version
+        for name, version in versions.items():
+            with conn.transaction():
+                s.create_indexes(conn, schema, name, version)
+            retired = _swap(conn, schema, name, version, read, batch_size)
+            for old in retired:
+                _drop_retired(conn, schema, name, old)
+            log.info("rebuilt %s: version %d is live, dropped %s", name, version, retired or "none")
+        if progress is not None:
+            with conn.transaction():
+                last = min(_target(conn, schema, n, v).position for n, v in versions.items())
+                progress(last, s.store_head(conn, schema))  # the swaps' last records
+        return versions
 
 
 @contextmanager
