@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -39,13 +40,22 @@ def check_key(kind: str, key: str | None) -> str | None:
     """Idempotency keys and external ids: absent, or a non-empty string of bounded size."""
     if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_KEY):
         raise InvalidCommandError(f"{kind} must be a non-empty string of at most {MAX_KEY} chars")
+    if key is not None and _has_control(key):
+        raise InvalidCommandError(f"{kind} must not contain control characters")
     return key
+
+
+def _has_control(text: str) -> bool:
+    # NUL cannot be stored in PostgreSQL text at all; the rest only garble logs and UIs.
+    return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
 def check_step_name(kind: str, name: str) -> str:
     """Step, sleep and wait names are free text, but never empty or huge."""
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_STEP_NAME:
         raise InvalidCommandError(f"{kind} name must be 1..{MAX_STEP_NAME} characters")
+    if _has_control(name):
+        raise InvalidCommandError(f"{kind} name must not contain control characters")
     return name
 
 

@@ -20,7 +20,14 @@ from domain.ids import (
     sent_event_id,
     workflow_type_id,
 )
-from domain.values import Concurrency, RetryPolicy, Timeouts, check_name, check_step_name
+from domain.values import (
+    Concurrency,
+    RetryPolicy,
+    Timeouts,
+    check_key,
+    check_name,
+    check_step_name,
+)
 from services.commands import RegisterWorkflow
 
 
@@ -344,3 +351,11 @@ def test_an_event_without_an_id_gets_a_fresh_random_id() -> None:
 def test_an_event_a_run_sends_is_named_by_the_run_and_its_step() -> None:
     run = UUID("1c1bd830-7f7a-5288-aa97-9422711b46a0")
     assert sent_event_id(run, "announce") == f"{run}/announce"
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "tab\there", "line\nbreak", "\x7f"])
+def test_names_and_keys_refuse_control_characters(text: str) -> None:
+    with pytest.raises(InvalidCommandError, match="control characters"):
+        check_step_name("step", text)
+    with pytest.raises(InvalidCommandError, match="control characters"):
+        check_key("key", text)
