@@ -267,7 +267,7 @@ def serve(
     roles = list(ROLES) if Role.ALL in role else list(dict.fromkeys(r.value for r in role))
     try:
         asyncio.run(serve_roles(settings, roles))
-    except ConnectionError as e:
+    except OSError as e:  # unreachable NATS or database, a port already in use
         _fail("unavailable", str(e), Exit.UNAVAILABLE)
 
 

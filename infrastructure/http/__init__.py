@@ -1,0 +1,1 @@
+"""The read-model HTTP API (FastAPI): queries, run history, commands, health and metrics."""
