@@ -19,6 +19,7 @@ COMMAND_BATCH_SIZE = Histogram(
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
 )
 EVENTS_APPENDED = Counter("ledgerflow_events_appended_total", "Events appended by this process")
+STORE_HEAD = Gauge("ledgerflow_store_head_position", "Global position of the newest stored event")
 RELAY_LAG = Gauge("ledgerflow_relay_lag_events", "Store head minus the last published position")
 PROJECTION_LAG = Gauge(
     "ledgerflow_projection_lag_events", "Store head minus a projection's position", ["projection"]

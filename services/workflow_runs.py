@@ -176,6 +176,7 @@ class WorkflowRuns(Application[UUID]):
         super().__init__(env=env)
         self.clock = clock or SystemClock()
         self.rand = rand
+        self.events_appended = 0  # by this instance, for metrics
 
     def construct_env(self, name: str, env: Mapping[str, str] | None = None) -> Environment:
         """Configuration comes only from the settings the composition root passes in.
@@ -272,6 +273,7 @@ class WorkflowRuns(Application[UUID]):
         positions = (
             [r.notification.id for r in self.save(*changed, commands=log)] if changed else []
         )
+        self.events_appended += len(positions)
         head = positions[-1] if positions else self._head()
         results: list[Result] = []
         for i, outcome in enumerate(outcomes):

@@ -195,7 +195,7 @@ async def healthz(ctx: Context) -> Health | JSONResponse:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
 )
 async def prometheus_metrics(ctx: Context) -> Response:
-    """Prometheus text format; the projection lag gauge is refreshed on every scrape."""
+    """Prometheus text format; projection lag and the store's head are read on each scrape."""
     try:
         found = await asyncio.wait_for(
             asyncio.to_thread(ctx.queries.projections), ctx.limits.health_timeout
@@ -204,6 +204,7 @@ async def prometheus_metrics(ctx: Context) -> Response:
         log.warning("projection lag not refreshed: %s", e)
     else:
         for p in found:
+            metrics.STORE_HEAD.set(p.head)
             if p.state == "live":
                 metrics.PROJECTION_LAG.labels(projection=p.name).set(p.lag)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -165,6 +165,7 @@ class CommandService:
         if time.monotonic() < self._store_down_until:
             return [unavailable] * len(batch)  # fail fast: don't queue behind a dead store
         metrics.COMMAND_BATCH_SIZE.observe(len(batch))
+        appended = self.app.events_appended
         try:
             results = await asyncio.to_thread(self.app.execute, [p.command for p in batch])
         except (StoreOperationalError, PgOperationalError) as e:
@@ -174,6 +175,7 @@ class CommandService:
         except Exception:
             log.exception("batch of %d commands failed", len(batch))
             return [error_body("internal", "internal error; nothing was applied")] * len(batch)
+        metrics.EVENTS_APPENDED.inc(self.app.events_appended - appended)
         return [reply_body(result) for result in results]
 
     @staticmethod

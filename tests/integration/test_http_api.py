@@ -605,3 +605,8 @@ async def _read_your_writes(http: httpx.AsyncClient, client: Client, names: Name
     assert 'ledgerflow_commands_total{name="start_run",outcome="ok"}' in scrape
     assert 'ledgerflow_commands_total{name="start_run",outcome="unknown_workflow"}' in scrape
     assert 'ledgerflow_projection_lag_events{projection="runs"} 0.0' in scrape
+    assert f"ledgerflow_store_head_position {float(last)}" in scrape
+    appended = [
+        line for line in scrape.splitlines() if line.startswith("ledgerflow_events_appended")
+    ]
+    assert appended and float(appended[0].split()[-1]) > 0
