@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install up down db-init demo fmt lint typecheck test test-unit check clean
+.PHONY: install up down db-init demo serve bench fmt lint typecheck test test-unit check clean
 
 install: $(VENV)/.installed  ## create .venv and install ledgerflow with its dev tools
 
@@ -25,8 +25,16 @@ down:  ## stop only what `make up` started
 db-init: install up  ## create the database and the event-store tables
 	$(BIN)/ledgerflow db init
 
-demo: db-init  ## run the example workflow through the domain against PostgreSQL
-	$(BIN)/python examples/domain_tour.py
+demo: db-init  ## start the service, drive an order run over NATS, read it over HTTP
+	$(BIN)/python examples/service_tour.py
+
+serve: db-init  ## run every role (commands, relay, projections, api) until Ctrl-C
+	$(BIN)/ledgerflow serve
+
+bench: db-init  ## the benchmarks of docs/performance.md
+	$(BIN)/python -m benchmarks.commands --runs 5000
+	$(BIN)/python -m benchmarks.commands --runs 5000 --keyed
+	$(BIN)/python -m benchmarks.rebuild --events 100000
 
 fmt: install
 	$(BIN)/ruff format .

@@ -57,6 +57,11 @@ TRANSIENT = (psycopg.Error, PersistenceError, OSError)
 """Errors of an unavailable database: wait and try again."""
 
 
+def _say(error: BaseException) -> str:
+    """An error's message, or its type when it has none (a bare TimeoutError)."""
+    return str(error) or type(error).__name__
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Keep every projection up to date until ``stop`` is set, then finish the batch in hand.
 
@@ -132,13 +137,18 @@ class ProjectionBuilder:
         while not stop.is_set():
             try:
                 subscription = await self._step(subscription, stop)
-            except nats.errors.Error as error:
-                log.warning("%s: %s; subscribing again in %g s", self.name, error, RETRY_DELAY)
+            except (nats.errors.Error, *TRANSIENT) as error:
+                if stop.is_set():
+                    break  # shutting down: connections close under the last round
+                if not isinstance(error, nats.errors.Error):
+                    log.warning("%s: %s; retrying in %g s", self.name, _say(error), RETRY_DELAY)
+                    await _pause(stop, RETRY_DELAY)
+                    continue
+                log.warning(
+                    "%s: %s; subscribing again in %g s", self.name, _say(error), RETRY_DELAY
+                )
                 await _unsubscribe(subscription)
                 subscription = None
-                await _pause(stop, RETRY_DELAY)
-            except TRANSIENT as error:
-                log.warning("%s: %s; retrying in %g s", self.name, error, RETRY_DELAY)
                 await _pause(stop, RETRY_DELAY)
             except Exception:
                 # A bug or an unexpected record: say so loudly, keep the other projections.
