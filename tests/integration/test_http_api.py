@@ -23,7 +23,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from infrastructure import projection_runner
-from infrastructure.bootstrap import bootstrap, init_database
+from infrastructure.bootstrap import bootstrap
 from infrastructure.event_log import read_after
 from infrastructure.http import app as api
 from infrastructure.http.app import create_app, open_queries
@@ -32,11 +32,12 @@ from infrastructure.nats import relay
 from infrastructure.nats.command_service import CommandService
 from infrastructure.nats.names import Names
 from infrastructure.postgres.read_models import catch_up, connect
-from infrastructure.postgres.schema import PostgresParams, drop_database
+from infrastructure.postgres.schema import PostgresParams
 from infrastructure.settings import Settings
 from projections.catalog import PROJECTIONS
 from services import commands as c
 from services.workflow_runs import WorkflowRuns
+from tests.support.isolation import isolated
 from tests.support.servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -62,32 +63,8 @@ DEADLINE = 15.0
 @pytest.fixture
 def settings(postgres_server_url: str) -> Iterator[Settings]:
     """A database and a subject prefix of this test's own; its streams are deleted after."""
-    params = PostgresParams.from_url(postgres_server_url)
-    own = Settings(
-        database_url=params.url(f"ledgerflow_api_{uuid.uuid4().hex[:10]}"),
-        subject_prefix=f"t{uuid.uuid4().hex[:8]}",
-        max_command_bytes=4096,
-    )
-    init_database(own)
-    try:
+    with isolated(postgres_server_url, max_command_bytes=4096) as own:
         yield own
-    finally:
-        try:
-            asyncio.run(_delete_streams(own))
-        finally:
-            drop_database(own.database_url)
-
-
-async def _delete_streams(settings: Settings) -> None:
-    names = Names(settings.subject_prefix)
-    nc = await nats.connect(settings.nats_url)
-    try:
-        js = nc.jetstream()
-        for stream in (names.events_stream, names.tasks_stream):
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await js.delete_stream(stream)
-    finally:
-        await nc.close()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from psycopg import sql
 
 from domain.values import RetryPolicy
-from infrastructure.bootstrap import bootstrap, init_database
+from infrastructure.bootstrap import bootstrap
 from infrastructure.event_log import read_after
 from infrastructure.nats.names import HEADER_MSG_ID, HEADER_POSITION, HEADER_PREV_POSITION, Names
 from infrastructure.nats.streams import StreamLimits, ensure_stream, events_config
@@ -37,13 +37,13 @@ from infrastructure.postgres.read_models import (
     rebuild,
     status,
 )
-from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.projection_runner import run
 from infrastructure.settings import Settings
 from projections.records import EventRecord
 from services import commands as c
 from services.clock import ManualClock
 from services.workflow_runs import WorkflowRuns
+from tests.support.isolation import isolated
 from tests.support.servers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -61,17 +61,8 @@ VIEWS = {
 @pytest.fixture
 def settings(postgres_server_url: str) -> Iterator[Settings]:
     """A database of this test's own (store and read models) and a subject prefix of its own."""
-    params = PostgresParams.from_url(postgres_server_url)
-    own = Settings(
-        database_url=params.url(f"ledgerflow_proj_{uuid.uuid4().hex[:10]}"),
-        subject_prefix=f"t{uuid.uuid4().hex[:8]}",
-    )
-    init_database(own)
-    init_read_models(own)  # until init_database does it (see the projections report)
-    try:
+    with isolated(postgres_server_url) as own:
         yield own
-    finally:
-        drop_database(own.database_url)
 
 
 @pytest.fixture

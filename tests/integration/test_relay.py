@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -31,11 +30,12 @@ from infrastructure.nats.connect import NatsUnavailableError, connect
 from infrastructure.nats.names import Names, traceparent
 from infrastructure.nats.relay import Relay
 from infrastructure.nats.streams import StreamLimits, ensure_streams
-from infrastructure.postgres.schema import PostgresParams, drop_database
+from infrastructure.postgres.schema import PostgresParams
 from infrastructure.settings import Settings
 from projections.records import EventRecord
 from services import commands as c
 from services.workflow_runs import WorkflowRuns
+from tests.support.isolation import delete_streams, isolated
 from tests.support.servers import MissingBinaryError, PrivateNats, PrivatePostgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -58,19 +58,8 @@ def quick_relay(settings: Settings, idle_poll: float = 0.5) -> Relay:
 @pytest.fixture
 def settings(postgres_server_url: str) -> Iterator[Settings]:
     """A store and a subject prefix of its own: a relay publishes the whole store."""
-    params = PostgresParams.from_url(postgres_server_url)
-    test_settings = Settings(
-        database_url=params.url(f"ledgerflow_relay_{uuid.uuid4().hex[:10]}"),
-        subject_prefix=f"t{uuid.uuid4().hex[:8]}",
-    )
-    init_database(test_settings)
-    try:
-        yield test_settings
-    finally:
-        try:
-            asyncio.run(delete_streams(test_settings))
-        finally:
-            drop_database(test_settings.database_url)
+    with isolated(postgres_server_url) as own:
+        yield own
 
 
 @pytest.fixture
@@ -80,18 +69,6 @@ def app(settings: Settings) -> Iterator[WorkflowRuns]:
         yield service
     finally:
         service.close()
-
-
-async def delete_streams(settings: Settings) -> None:
-    names = Names(settings.subject_prefix)
-    nc = await connect(settings)
-    try:
-        js = nc.jetstream()
-        for stream in (names.events_stream, names.tasks_stream):
-            with contextlib.suppress(NotFoundError):
-                await js.delete_stream(stream)
-    finally:
-        await nc.close()
 
 
 # ------------------------------------------------------------------------------ helpers
