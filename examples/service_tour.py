@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infrastructure.nats.names import Names
+from infrastructure.nats.requests import request
 from infrastructure.settings import Settings
 
 console = Console()
@@ -36,7 +37,7 @@ class Commands:
         self.nc, self.names = nc, names
 
     async def __call__(self, kind: str, **body: Any) -> dict[str, Any]:
-        reply = await self.nc.request(self.names.command(kind), json.dumps(body).encode(), 10)
+        reply = await request(self.nc, self.names.command(kind), json.dumps(body).encode(), 10)
         answer: dict[str, Any] = json.loads(reply.data)
         if not answer["ok"]:
             raise RuntimeError(f"{kind}: {answer['error']}")

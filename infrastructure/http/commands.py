@@ -13,6 +13,7 @@ from domain.values import JSON
 from infrastructure.http.errors import ApiError
 from infrastructure.nats.command_service import CommandError, parse_command
 from infrastructure.nats.names import Names
+from infrastructure.nats.requests import request
 
 log = logging.getLogger("ledgerflow.api")
 
@@ -46,7 +47,7 @@ async def forward(
         raise ApiError(e.code, e.message, e.details) from None
     subject = names.command(name)
     try:
-        reply = await nc.request(subject, payload, timeout=timeout)
+        reply = await request(nc, subject, payload, timeout)
     except nats.errors.NoRespondersError:
         raise ApiError(
             "unavailable", f"no command service answers on {subject}; retry later"

@@ -13,11 +13,13 @@ from typing import Any
 import nats
 import pytest
 from eventsourcing.persistence import IntegrityError
+from nats.aio.msg import Msg
 
 from domain.ids import child_run_id, run_id_for
 from infrastructure.bootstrap import bootstrap, init_database
 from infrastructure.nats.command_service import CommandService
 from infrastructure.nats.names import Names
+from infrastructure.nats.requests import request
 from infrastructure.postgres.schema import PostgresParams
 from infrastructure.settings import Settings
 from services.workflow_runs import WorkflowRuns
@@ -38,7 +40,7 @@ async def serving(app: WorkflowRuns, settings: Settings, **options: Any) -> Asyn
 
     async def call(name: str, body: Any = None, raw: bytes | None = None) -> dict[str, Any]:
         payload = raw if raw is not None else json.dumps(body or {}).encode()
-        reply = await client.request(names.command(name), payload, timeout=30)
+        reply = await request(client, names.command(name), payload, 30)
         result: dict[str, Any] = json.loads(reply.data)
         return result
 
@@ -239,3 +241,31 @@ def _registered(scenario: Callable[[Call], Awaitable[None]]) -> Callable[[Call],
         await scenario(call)
 
     return wrapped
+
+
+def test_a_request_that_finds_no_responder_is_retried_briefly_then_fails(
+    database_settings: Settings,
+) -> None:
+    async def scenario() -> None:
+        subject = f"t{uuid.uuid4().hex[:8]}.cmd.start_run"
+        async with await nats.connect(database_settings.nats_url) as nc:
+            with pytest.raises(nats.errors.NoRespondersError):
+                await request(nc, subject, b"{}", 1, grace=0.2)
+
+            async def answer_later() -> None:
+                await asyncio.sleep(0.3)  # a service that starts while the request waits
+
+                async def respond(msg: Msg) -> None:
+                    await msg.respond(b"late")
+
+                sub = await nc.subscribe(subject, cb=respond)
+                await nc.flush()
+                await asyncio.sleep(2)
+                await sub.unsubscribe()
+
+            later = asyncio.create_task(answer_later())
+            reply = await request(nc, subject, b"{}", 1, grace=2)
+            assert reply.data == b"late"
+            await later
+
+    asyncio.run(scenario())

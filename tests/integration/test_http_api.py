@@ -31,6 +31,7 @@ from infrastructure.http.context import ApiContext
 from infrastructure.nats import relay
 from infrastructure.nats.command_service import CommandService
 from infrastructure.nats.names import Names
+from infrastructure.nats.requests import request
 from infrastructure.postgres.read_models import catch_up, connect
 from infrastructure.postgres.schema import PostgresParams
 from infrastructure.settings import Settings
@@ -531,7 +532,7 @@ async def _healthy(http: httpx.AsyncClient, roles: list[asyncio.Task[None]]) -> 
 
 async def _read_your_writes(http: httpx.AsyncClient, client: Client, names: Names) -> None:
     async def nats_command(name: str, body: dict[str, Any]) -> dict[str, Any]:
-        reply = await client.request(names.command(name), json.dumps(body).encode(), timeout=10)
+        reply = await request(client, names.command(name), json.dumps(body).encode(), 10)
         result: dict[str, Any] = json.loads(reply.data)
         return result
 
