@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -38,6 +37,7 @@ from infrastructure.settings import Settings
 from projections.catalog import PROJECTIONS
 from services import commands as c
 from services.workflow_runs import WorkflowRuns
+from tests.support import waiting
 from tests.support.isolation import isolated
 from tests.support.servers import free_port
 
@@ -97,10 +97,7 @@ def context(app: FastAPI) -> ApiContext:
 
 
 async def until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not await condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
+    await waiting.until(condition, what, DEADLINE)
 
 
 # --------------------------------------------------------------------------- workload

@@ -35,6 +35,7 @@ from infrastructure.settings import Settings
 from projections.records import EventRecord
 from services import commands as c
 from services.workflow_runs import WorkflowRuns
+from tests.support import waiting
 from tests.support.isolation import delete_streams, isolated
 from tests.support.servers import MissingBinaryError, PrivateNats, PrivatePostgres
 
@@ -153,15 +154,7 @@ async def until(
     timeout: float = WAIT,
     watch: asyncio.Task[None] | None = None,
 ) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` s or if ``watch`` ends."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if watch is not None and watch.done():
-            watch.result()  # raises what ended it
-            raise AssertionError(f"the relay stopped while waiting for {what}")
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
+    await waiting.until(condition, what, timeout, watch)
 
 
 async def store_records(app: WorkflowRuns) -> list[EventRecord]:
