@@ -63,6 +63,15 @@ class AttemptMismatchError(InvalidStateError):
     """The attempt number is not the one the run expects next (or has started)."""
 
 
+class SupersededError(InvalidStateError):
+    """A worker acts on an older hand-off of the run than the latest: it must let go."""
+
+    def __init__(self, run_id: UUID, dispatch: int, latest: int) -> None:
+        super().__init__(
+            f"run {run_id} was handed off again (dispatch {latest}); dispatch {dispatch} is stale"
+        )
+
+
 class RetriesExhaustedError(InvalidStateError):
     """The step has used every attempt its retry policy allows."""
 

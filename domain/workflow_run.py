@@ -19,6 +19,7 @@ from domain.errors import (
     RunNotActiveError,
     StepAlreadyCompletedError,
     StepNotFoundError,
+    SupersededError,
 )
 from domain.ids import inbound_event_id, sent_event_id
 from domain.values import (
@@ -240,6 +241,14 @@ class WorkflowRun(Aggregate):
     class RunRetried(Aggregate.Event):
         pass
 
+    class TaskDispatched(Aggregate.Event):
+        """The run was handed to a worker queue; ``dispatch`` numbers the hand-offs."""
+
+        reason: str
+        cause: int
+        dispatch: int
+        queue: str
+
     # --------------------------------------------------------------------------- creation
     @classmethod
     def start(
@@ -303,9 +312,19 @@ class WorkflowRun(Aggregate):
         self.cancel_reason: str | None = None
         self.compensation: CompensationState | None = None
         self.completions = 0
+        self.dispatches = 0  # hand-offs to a worker so far: the fencing token of the latest
+        self.last_cause = 0  # global position of the event that caused the latest hand-off
 
     # ------------------------------------------------------------------------------ steps
-    def start_step(self, step: str, attempt: int, retry_policy: RetryPolicy | None = None) -> None:
+    def start_step(
+        self,
+        step: str,
+        attempt: int,
+        retry_policy: RetryPolicy | None = None,
+        dispatch: int | None = None,
+    ) -> None:
+        """Record that a step attempt starts. A worker holding an older hand-off than the
+        latest (``dispatch``) is refused, so two workers never run the next step at once."""
         check_step_name("step", step)
         state = self.steps.get(step)
         if state is not None and state.status is not StepStatus.PENDING:
@@ -315,6 +334,8 @@ class WorkflowRun(Aggregate):
                 raise StepAlreadyCompletedError(self.id, step)
             if state.status is StepStatus.FAILED:
                 raise InvalidStateError(f"step {step!r} of run {self.id} has failed for good")
+        if dispatch is not None and dispatch != self.dispatches:
+            raise SupersededError(self.id, dispatch, self.dispatches)
         self._check_can_progress()
         attempts = state.attempts if state else 0
         if attempt != attempts + 1:
@@ -650,6 +671,24 @@ class WorkflowRun(Aggregate):
                 state.error = None
                 state.retry_due_at = None
                 state.completed_seq = None
+
+    # ----------------------------------------------------------------------- hand-offs
+    def dispatch(self, reason: str, cause: int, queue: str) -> None:
+        """Hand the run to a worker queue because of the event at position ``cause``.
+
+        A cause at or before the last one is a redelivered trigger: nothing happens.
+        """
+        check_step_name("dispatch reason", reason)
+        check_name("queue", queue)
+        if cause <= self.last_cause:
+            return
+        self._check_not_ended()
+        self._task_dispatched(reason, cause, self.dispatches + 1, queue)
+
+    @event(TaskDispatched)
+    def _task_dispatched(self, reason: str, cause: int, dispatch: int, queue: str) -> None:
+        self.dispatches = dispatch
+        self.last_cause = cause
 
     # -------------------------------------------------------------------------- queries
     @property

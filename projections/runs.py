@@ -442,6 +442,10 @@ class RunProjection(Projection[RunView]):
             run.status = RunStatus.CANCELLED.value
             run.compensation = None
 
+    @handles("WorkflowRun.TaskDispatched")
+    def _task_dispatched(self, record: EventRecord) -> None:
+        """A hand-off to a worker changes nothing a reader of the run sees."""
+
     @handles("WorkflowRun.RunRetried")
     def _run_retried(self, record: EventRecord) -> None:
         with self._run(record) as run:

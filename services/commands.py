@@ -65,6 +65,8 @@ class StartStep(RunCommand):
     step: str = Field(min_length=1, max_length=200)
     attempt: int = Field(ge=1)
     retry_policy: RetryPolicy | None = None
+    dispatch: int | None = Field(default=None, ge=1)
+    """The hand-off the worker holds (its task's ``dispatch``): a stale one is refused."""
 
 
 class CompleteStep(RunCommand):
@@ -154,6 +156,18 @@ class FailRun(RunCommand):
 
 class TimeOutRun(RunCommand):
     pass
+
+
+class DispatchRun(RunCommand):
+    """Hand a run to its workflow's worker queue (the scheduler sends this)."""
+
+    reason: str = Field(min_length=1, max_length=200)
+    cause: int = Field(ge=1)
+    """Global position of the event that made the run movable: a repeat is a no-op."""
+
+
+class LoadRun(RunCommand):
+    """Read a run's current state from the store (a worker's first call on a task)."""
 
 
 class CompensateStep(RunCommand):

@@ -32,6 +32,7 @@ from domain.workflow_type import WorkflowType
 from services import commands as c
 from services.clock import Clock, SystemClock
 from services.command_log import CommandLog, CommandRecord, POPOCommandRecorder
+from services.snapshots import snapshot_of
 
 A = TypeVar("A", bound=Aggregate)
 C = TypeVar("C", bound=c.Command)
@@ -68,6 +69,12 @@ class RunStartedReply(Reply):
 class EventSentReply(Reply):
     event_id: UUID
     created: bool
+
+
+class RunLoaded(Reply):
+    """A run's state as a worker needs it to replay: memoised steps, timers, waits..."""
+
+    run: dict[str, JSON]
 
 
 Result = Reply | DomainError
@@ -434,8 +441,21 @@ def _register_workflow(app: WorkflowRuns, uow: UnitOfWork, cmd: c.RegisterWorkfl
 
 @handles(c.StartStep)
 def _start_step(app: WorkflowRuns, uow: UnitOfWork, cmd: c.StartStep) -> Reply:
-    _run(uow, cmd.run_id).start_step(cmd.step, cmd.attempt, cmd.retry_policy)
+    _run(uow, cmd.run_id).start_step(cmd.step, cmd.attempt, cmd.retry_policy, cmd.dispatch)
     return Applied()
+
+
+@handles(c.DispatchRun)
+def _dispatch_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.DispatchRun) -> Reply:
+    run = _run(uow, cmd.run_id)
+    queue = str(_workflow_type(uow, run.workflow).definition["queue"])
+    run.dispatch(cmd.reason, cmd.cause, queue)
+    return Applied()
+
+
+@handles(c.LoadRun, RunLoaded)
+def _load_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.LoadRun) -> Reply:
+    return RunLoaded(run=snapshot_of(_run(uow, cmd.run_id)))
 
 
 @handles(c.CompleteStep)

@@ -404,6 +404,8 @@ class Relay:
         True when all were stored. Each message names the one before it, so JetStream
         stores none after a refused one: the stream never holds a hole or a fork.
         """
+        if not await self._publish_tasks(records, inbox, lease):
+            return False
         futures: list[asyncio.Future[_Ack]] = []
         for index, record in enumerate(records):
             if lease.lost.is_set():
@@ -445,6 +447,35 @@ class Relay:
             self.metrics.last_published_position,
         )
         return all_stored
+
+    async def _publish_tasks(
+        self, records: list[EventRecord], inbox: _AckInbox, lease: _Lease
+    ) -> bool:
+        """Publish the worker task of every TaskDispatched in ``records``, before the events.
+
+        A stored TaskDispatched event thus always has its task stored: after a crash the
+        batch is published again, and the task's Nats-Msg-Id makes the repeat a no-op.
+        """
+        futures: list[asyncio.Future[_Ack]] = []
+        for record in records:
+            if record.qualified_type != TASK_DISPATCHED:
+                continue
+            if lease.lost.is_set():
+                return False
+            body = json.dumps(task_body(record), separators=(",", ":")).encode()
+            headers = {**self._headers(record), HEADER_MSG_ID: f"task:{record.position}"}
+            subject = self.names.task(str(record.data["queue"]))
+            futures.append(await inbox.publish(subject, body, headers))
+        if not futures:
+            return True
+        await asyncio.wait(futures, timeout=self.ack_timeout)
+        try:
+            stored = all(f.done() and f.exception() is None for f in futures)
+            if not stored:
+                log.warning("a worker task was not stored; publishing the batch again")
+            return stored
+        finally:
+            inbox.forget(futures)
 
     def _headers(self, record: EventRecord) -> dict[str, str]:
         return {
@@ -505,6 +536,20 @@ async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
         for waiter in waiters:
             waiter.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
+
+
+TASK_DISPATCHED = "WorkflowRun.TaskDispatched"
+
+
+def task_body(record: EventRecord) -> dict[str, object]:
+    """A worker task: which run, which hand-off (the fencing token), and why."""
+    return {
+        "run_id": str(record.originator_id),
+        "dispatch": record.data["dispatch"],
+        "reason": record.data["reason"],
+        "queue": record.data["queue"],
+        "position": record.position,
+    }
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

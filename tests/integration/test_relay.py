@@ -665,3 +665,39 @@ def test_ensure_streams_is_idempotent_and_updates_a_changed_configuration(
 def test_an_unreachable_nats_server_is_reported_with_its_url() -> None:
     with pytest.raises(NatsUnavailableError, match=r"nats://127\.0\.0\.1:1\b"):
         asyncio.run(connect(Settings(nats_url="nats://127.0.0.1:1")))
+
+
+def test_each_dispatch_becomes_one_worker_task_on_its_queue(
+    settings: Settings, app: WorkflowRuns
+) -> None:
+    names = Names(settings.subject_prefix)
+    app.register_workflow(c.RegisterWorkflow(name="shop", queue="payments"))
+    runs = [app.start_run(c.StartRun(workflow="shop", key=f"t-{n}")) for n in range(5)]
+    for started in runs:
+        app.handle(c.DispatchRun(run_id=started.run_id, reason="started", cause=started.position))
+        app.handle(c.DispatchRun(run_id=started.run_id, reason="started", cause=started.position))
+
+    async def tasks(js: JetStreamContext) -> list[dict[str, object]]:
+        info = await js.stream_info(names.tasks_stream)
+        found = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            message = await js.get_msg(names.tasks_stream, seq)
+            assert message.subject == names.task("payments")
+            found.append(json.loads(message.data or b"{}"))
+        return found
+
+    async def scenario() -> None:
+        nc = await connect(settings)
+        try:
+            js = nc.jetstream()
+            async with RelayTask(quick_relay(settings)) as relay:
+                await until(lambda: caught_up(js, names, app), "the dispatches", watch=relay.task)
+            found = await tasks(js)
+        finally:
+            await nc.close()
+        assert sorted((t["run_id"], t["dispatch"]) for t in found) == sorted(
+            (str(r.run_id), 1) for r in runs
+        )
+        assert all(t["reason"] == "started" and t["queue"] == "payments" for t in found)
+
+    asyncio.run(scenario())
