@@ -269,3 +269,28 @@ def test_a_request_that_finds_no_responder_is_retried_briefly_then_fails(
             await later
 
     asyncio.run(scenario())
+
+
+class _Broken(WorkflowRuns):
+    def execute(self, commands: Any) -> Any:
+        raise RuntimeError("a bug (fault injected)")
+
+
+def test_an_unexpected_failure_answers_internal_and_the_service_keeps_serving(
+    database_settings: Settings,
+) -> None:
+    async def scenario(call: Call) -> None:
+        for _ in range(2):  # the batch loop survives the first failure
+            reply = await call("register_workflow", {"name": "broken"})
+            assert reply["error"]["code"] == "internal", reply
+            assert "nothing was applied" in reply["error"]["message"]
+
+    app = bootstrap(database_settings)
+    broken = _Broken(env=app.env)
+    try:
+        head = app.recorder.max_notification_id()
+        asyncio.run(_with(broken, database_settings, scenario))
+        assert app.recorder.max_notification_id() == head
+    finally:
+        broken.close()
+        app.close()
