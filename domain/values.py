@@ -50,6 +50,34 @@ def _has_control(text: str) -> bool:
     return any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
+TRANSCODING_KEYS = frozenset({"_type_", "_data_"})
+"""An object with exactly these keys is how the event store marks a custom type."""
+
+
+def check_storable(value: JSON, where: str = "value") -> JSON:
+    """Refuse JSON the event store would not give back as it was given.
+
+    An object shaped like the store's own type marker (``{"_type_": ..., "_data_": ...}``)
+    would be decoded into something else, or not at all, when the aggregate loads; NaN
+    and infinities are not JSON and PostgreSQL's jsonb cannot hold them.
+    """
+    stack: list[JSON] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if set(item) == TRANSCODING_KEYS:
+                raise InvalidCommandError(
+                    f"{where} holds an object with exactly the keys '_type_' and '_data_', "
+                    "which the event store reserves"
+                )
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise InvalidCommandError(f"{where} holds {item}, which is not JSON")
+    return value
+
+
 def check_step_name(kind: str, name: str) -> str:
     """Step, sleep and wait names are free text, but never empty or huge."""
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_STEP_NAME:

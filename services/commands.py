@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from domain.values import MAX_SECONDS, Concurrency, RetryPolicy, Timeouts
+from domain.values import MAX_SECONDS, Concurrency, RetryPolicy, Timeouts, check_storable
 
-JSONValue = Any
+JSONValue = Annotated[Any, AfterValidator(check_storable)]
+"""Any JSON value a command carries, refused when the store could not give it back intact."""
+JSONObject = Annotated[dict[str, Any], AfterValidator(check_storable)]
 
 
 class Command(BaseModel):
@@ -38,7 +40,7 @@ class StartRun(Command):
 
 class SendEvent(Command):
     name: str = Field(min_length=1, max_length=200)
-    data: dict[str, JSONValue] = Field(default_factory=dict)
+    data: JSONObject = Field(default_factory=dict)
     id: str | None = Field(default=None, min_length=1, max_length=500)
 
 
@@ -82,6 +84,11 @@ class StepError(BaseModel):
     type: str = Field(min_length=1, max_length=200)
     message: str = Field(max_length=100_000)
 
+    @model_validator(mode="after")
+    def _storable(self) -> StepError:
+        check_storable(self.model_dump(), "error")  # its extra fields are free JSON
+        return self
+
 
 class FailStep(RunCommand):
     step: str = Field(min_length=1, max_length=200)
@@ -111,7 +118,7 @@ class FireTimer(RunCommand):
 class StartWait(RunCommand):
     name: str = Field(min_length=1, max_length=200)
     event_name: str = Field(min_length=1, max_length=200)
-    match: dict[str, JSONValue] = Field(default_factory=dict)
+    match: JSONObject = Field(default_factory=dict)
     timeout_seconds: float | None = Field(default=None, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
 
 
@@ -143,7 +150,7 @@ class EmitEvent(RunCommand):
 
     name: str = Field(min_length=1, max_length=200)
     event_name: str = Field(min_length=1, max_length=200)
-    data: dict[str, JSONValue] = Field(default_factory=dict)
+    data: JSONObject = Field(default_factory=dict)
 
 
 class CompleteRun(RunCommand):

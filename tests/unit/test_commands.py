@@ -1051,3 +1051,40 @@ def test_timing_out_a_run_without_a_run_timeout_says_so_plainly() -> None:
     s = started()
     s.when(c.TimeOutRun(run_id=RUN)).then_events(["RunTimedOut"])
     assert s.run(RUN).error == {"type": "RunTimeout", "message": "run exceeded its timeout"}
+
+
+# --------------------------------------------------------- JSON the store gives back intact
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"_type_": "uuid_hex", "_data_": "0123456789abcdef0123456789abcdef"},
+        {"nested": [{"_type_": "nope", "_data_": 1}]},
+        float("nan"),
+        {"ratio": float("inf")},
+    ],
+)
+def test_json_the_store_would_not_give_back_intact_is_refused(payload: Any) -> None:
+    with pytest.raises(ValidationError, match=r"reserves|not JSON"):
+        c.StartRun(workflow=WORKFLOW, input=payload)
+    with pytest.raises(ValidationError, match=r"reserves|not JSON"):
+        c.CompleteStep(run_id=RUN, step="s", attempt=1, output=payload)
+
+
+def test_event_data_shaped_like_a_store_marker_is_refused() -> None:
+    with pytest.raises(ValidationError, match="reserves"):
+        c.SendEvent(name="order.placed", data={"_type_": "x", "_data_": 1})
+    with pytest.raises(ValidationError, match="reserves"):
+        c.FailStep(
+            run_id=RUN,
+            step="s",
+            attempt=1,
+            error=c.StepError.model_validate(
+                {"type": "E", "message": "m", "extra": {"_type_": "x", "_data_": 1}}
+            ),
+        )
+
+
+def test_objects_with_other_underscore_keys_are_stored_and_read_back_as_given() -> None:
+    payload = {"_type_": "mine", "_data_": 1, "more": True}
+    s = Scenario().given(register(), start(input=payload))
+    assert s.run(RUN).input == payload
