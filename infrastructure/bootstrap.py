@@ -8,6 +8,7 @@ from eventsourcing.utils import get_topic
 
 from infrastructure.postgres.read_model_schema import init_read_models
 from infrastructure.postgres.recorder import CommandLoggingRecorder
+from infrastructure.postgres.scheduler_schema import init_scheduler
 from infrastructure.postgres.schema import PostgresParams, ensure_database
 from infrastructure.settings import Settings
 from services.clock import Clock
@@ -62,4 +63,5 @@ def init_database(settings: Settings) -> bool:
     app = bootstrap(settings, create_tables=True)
     app.close()
     init_read_models(settings)
+    init_scheduler(settings)
     return created

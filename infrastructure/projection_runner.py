@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import nats.errors
 import nats.js.errors
@@ -111,7 +111,13 @@ def _live_positions(pool: ConnectionPool[psycopg.Connection[Any]], schema: str) 
 
 
 class ProjectionBuilder:
-    """One projection: fetch a batch, apply it with its position in one transaction, ack."""
+    """One projection: fetch a batch, apply it with its position in one transaction, ack.
+
+    Other followers of the events stream (the scheduler) subclass it and override
+    ``_apply`` and ``_catch_up_if_behind_sync``.
+    """
+
+    logger: ClassVar[logging.Logger] = log
 
     def __init__(
         self,
@@ -141,10 +147,12 @@ class ProjectionBuilder:
                 if stop.is_set():
                     break  # shutting down: connections close under the last round
                 if not isinstance(error, nats.errors.Error):
-                    log.warning("%s: %s; retrying in %g s", self.name, _say(error), RETRY_DELAY)
+                    self.logger.warning(
+                        "%s: %s; retrying in %g s", self.name, _say(error), RETRY_DELAY
+                    )
                     await _pause(stop, RETRY_DELAY)
                     continue
-                log.warning(
+                self.logger.warning(
                     "%s: %s; subscribing again in %g s", self.name, _say(error), RETRY_DELAY
                 )
                 await _unsubscribe(subscription)
@@ -152,7 +160,7 @@ class ProjectionBuilder:
                 await _pause(stop, RETRY_DELAY)
             except Exception:
                 # A bug or an unexpected record: say so loudly, keep the other projections.
-                log.exception("%s: failed; retrying in %g s", self.name, BUG_DELAY)
+                self.logger.exception("%s: failed; retrying in %g s", self.name, BUG_DELAY)
                 await _pause(stop, BUG_DELAY)
         await _unsubscribe(subscription)
 
@@ -193,7 +201,7 @@ class ProjectionBuilder:
         subscription = await self.js.pull_subscribe(
             self.names.events_wildcard, durable=self.durable, stream=stream, config=config
         )
-        log.info("%s: consuming %s as %s", self.name, stream, self.durable)
+        self.logger.info("%s: consuming %s as %s", self.name, stream, self.durable)
         return subscription
 
     async def _has_pending(self) -> bool:
@@ -217,7 +225,9 @@ class ProjectionBuilder:
             return EventRecord.from_json(json.loads(message.data))
         except (ValueError, KeyError, TypeError) as error:
             # Harmless: the next record's prev_position shows the gap, filled from the store.
-            log.warning("%s: undecodable message on %s: %s", self.name, message.subject, error)
+            self.logger.warning(
+                "%s: undecodable message on %s: %s", self.name, message.subject, error
+            )
             return None
 
     def _apply(self, records: list[EventRecord]) -> None:
@@ -231,13 +241,13 @@ class ProjectionBuilder:
             result = apply_batch(conn, self.schema, self.name, records, self.read)
         self.position = max(self.position, result.position)
         if result.backfilled:
-            log.info(
+            self.logger.info(
                 "%s: gap before %d: %d record(s) read from the store",
                 self.name,
                 first.position,
                 result.backfilled,
             )
-        log.debug("%s: applied %d, now at %d", self.name, result.applied, result.position)
+        self.logger.debug("%s: applied %d, now at %d", self.name, result.applied, result.position)
 
     async def _catch_up_if_behind(self) -> None:
         await asyncio.to_thread(self._catch_up_if_behind_sync)
@@ -251,7 +261,7 @@ class ProjectionBuilder:
 
     def _caught_up(self, applied: int) -> None:
         if applied:
-            log.info("%s: %d record(s) applied from the store", self.name, applied)
+            self.logger.info("%s: %d record(s) applied from the store", self.name, applied)
 
     def _tracked(self, conn: psycopg.Connection[Any]) -> s.Tracked:
         tracked = s.live(conn, self.schema, self.name)

@@ -18,6 +18,7 @@ ROLES: dict[str, str] = {
     "relay": "infrastructure.nats.relay",
     "projections": "infrastructure.projection_runner",
     "api": "infrastructure.http.app",
+    "scheduler": "infrastructure.scheduler_runner",
 }
 """Each role's module; it exposes ``async def run(settings, stop) -> None``."""
 

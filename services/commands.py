@@ -173,6 +173,14 @@ class DispatchRun(RunCommand):
     """Global position of the event that made the run movable: a repeat is a no-op."""
 
 
+class TriggerRun(Command):
+    """Start a run of ``workflow`` for inbound event ``event_id`` (the event router sends
+    this): one run per (event, workflow), however often it is sent."""
+
+    event_id: UUID
+    workflow: str = Field(min_length=1, max_length=200)
+
+
 class LoadRun(RunCommand):
     """Read a run's current state from the store (a worker's first call on a task)."""
 

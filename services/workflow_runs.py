@@ -316,6 +316,9 @@ class WorkflowRuns(Application[UUID]):
     def emit_event(self, cmd: c.EmitEvent) -> EventSentReply:
         return _typed(self.handle(cmd), EventSentReply)
 
+    def trigger_run(self, cmd: c.TriggerRun) -> RunStartedReply:
+        return _typed(self.handle(cmd), RunStartedReply)
+
     def cancel_run(self, cmd: c.CancelRun) -> Reply:
         return self.handle(cmd)
 
@@ -399,6 +402,31 @@ def _send_event(app: WorkflowRuns, uow: UnitOfWork, cmd: c.SendEvent) -> Reply:
         return EventSentReply(event_id=event_id, created=False)
     uow.add(InboundEvent.receive(event_id, cmd.name, cmd.data, external_id=cmd.id))
     return EventSentReply(event_id=event_id, created=True)
+
+
+@handles(c.TriggerRun, RunStartedReply)
+def _trigger_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.TriggerRun) -> Reply:
+    """Start the run an inbound event triggers and record it on the event, in one
+    transaction; the run's id and key are fixed by (event, workflow), its input is the
+    event's data."""
+    workflow = _workflow_type(uow, cmd.workflow)
+    inbound = _inbound_event(uow, cmd.event_id)
+    key = f"event:{inbound.id}"
+    run_id = run_id_for(workflow.name, key)
+    created = not uow.exists(run_id)
+    if created:
+        run = WorkflowRun.start(
+            run_id,
+            workflow.name,
+            inbound.data,
+            key=key,
+            retry_policy=workflow.retry_policy,
+            timeouts=workflow.timeouts,
+            triggered_by=inbound.id,
+        )
+        uow.add(run)
+    inbound.record_triggered_run(workflow.name, run_id)
+    return RunStartedReply(run_id=run_id, created=created)
 
 
 @handles(c.CancelRun)

@@ -1,0 +1,354 @@
+"""The scheduler role: follow the events stream to dispatch runs, and fire due timers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, ClassVar, cast
+from uuid import UUID
+
+import nats.errors
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from domain.errors import DomainError
+from infrastructure.bootstrap import bootstrap
+from infrastructure.event_log import read_after
+from infrastructure.nats.connect import connect
+from infrastructure.nats.names import Names
+from infrastructure.postgres import read_model_schema as rs
+from infrastructure.postgres import scheduler_schema as ss
+from infrastructure.postgres.read_models import READ_BATCH, Reader, backfill_from, open_pool
+from infrastructure.projection_runner import (
+    BUG_DELAY,
+    RETRY_DELAY,
+    TRANSIENT,
+    ProjectionBuilder,
+    _pause,
+    _say,
+    ensure_events_stream,
+)
+from infrastructure.settings import Settings
+from projections.projection import in_order
+from projections.records import EventRecord
+from services import commands as c
+from services.clock import Clock, SystemClock
+from services.scheduler import Parent, Scheduler, Timer, TimerKind, Wait
+from services.workflow_runs import WorkflowRuns
+
+log = logging.getLogger("ledgerflow.scheduler")
+
+POLL_INTERVAL = 0.1
+"""Seconds between two looks for due timers."""
+DUE_BATCH = 200
+"""Due timers taken (and fired in one transaction) at a time."""
+
+Send = Callable[[Sequence[c.Command]], None]
+"""Apply commands (idempotent ones); a refusal is logged, never raised."""
+
+Pool = ConnectionPool[psycopg.Connection[Any]]
+
+
+# --------------------------------------------------------------------------- commands
+def sender(app: WorkflowRuns, batch_size: int) -> Send:
+    """Send commands in batches of ``batch_size``; domain refusals are expected (the run
+    ended, the wait was settled) and skipped, so they never block what follows."""
+
+    def send(commands: Sequence[c.Command]) -> None:
+        for start in range(0, len(commands), batch_size):
+            chunk = commands[start : start + batch_size]
+            for command, result in zip(chunk, app.execute(chunk), strict=True):
+                if isinstance(result, DomainError):
+                    log.debug("%s refused (%s): %s", type(command).__name__, result.code, result)
+
+    return send
+
+
+# ---------------------------------------------------------------- the Postgres view
+class PostgresSchedulerView:
+    """The scheduler's tables, written in the caller's transaction."""
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str) -> None:
+        self.conn = conn
+        self.t = ss.identifiers(schema)
+
+    def _run(self, query: str, params: Sequence[Any]) -> psycopg.Cursor[Any]:
+        return self.conn.execute(sql.SQL(query).format(**self.t), params)
+
+    def put_timer(self, timer: Timer) -> None:
+        self._run(
+            "INSERT INTO {timers} (run_id, kind, name, due_at, cause) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (run_id, kind, name)"
+            " DO UPDATE SET due_at = excluded.due_at, cause = excluded.cause",
+            (timer.run_id, timer.kind, timer.name, timer.due_at, timer.cause),
+        )
+
+    def delete_timer(self, run_id: UUID, kind: TimerKind, name: str) -> None:
+        self._run(
+            "DELETE FROM {timers} WHERE run_id = %s AND kind = %s AND name = %s",
+            (run_id, kind, name),
+        )
+
+    def put_wait(self, wait: Wait) -> None:
+        self._run(
+            "INSERT INTO {waits} (run_id, name, event_name, match) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (run_id, name)"
+            " DO UPDATE SET event_name = excluded.event_name, match = excluded.match",
+            (wait.run_id, wait.name, wait.event_name, json.dumps(wait.match)),
+        )
+
+    def delete_wait(self, run_id: UUID, name: str) -> None:
+        self._run("DELETE FROM {waits} WHERE run_id = %s AND name = %s", (run_id, name))
+
+    def open_waits(self, event_name: str) -> list[Wait]:
+        rows = self._run(
+            "SELECT run_id, name, event_name, match FROM {waits} WHERE event_name = %s"
+            " ORDER BY run_id, name",
+            (event_name,),
+        ).fetchall()
+        return [Wait(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+    def put_parent(self, run_id: UUID, parent: Parent) -> None:
+        self._run(
+            "INSERT INTO {runs} (run_id, parent_run_id, parent_step) VALUES (%s, %s, %s)"
+            " ON CONFLICT (run_id) DO NOTHING",
+            (run_id, parent.run_id, parent.step),
+        )
+
+    def parent_of(self, run_id: UUID) -> Parent | None:
+        row = self._run(
+            "SELECT parent_run_id, parent_step FROM {runs} WHERE run_id = %s", (run_id,)
+        ).fetchone()
+        return Parent(row[0], row[1]) if row else None
+
+    def end_run(self, run_id: UUID) -> None:
+        for table in ("timers", "waits", "runs"):
+            self._run(f"DELETE FROM {{{table}}} WHERE run_id = %s", (run_id,))
+
+    def put_triggers(self, type_id: UUID, workflow: str | None, triggers: Iterable[str]) -> None:
+        names = sorted(set(triggers))
+        if workflow is None:
+            self._run("UPDATE {triggers} SET event_names = %s WHERE type_id = %s", (names, type_id))
+            return
+        self._run(
+            "INSERT INTO {triggers} (type_id, workflow, event_names) VALUES (%s, %s, %s)"
+            " ON CONFLICT (type_id) DO UPDATE SET event_names = excluded.event_names",
+            (type_id, workflow, names),
+        )
+
+    def triggered_workflows(self, event_name: str) -> list[str]:
+        rows = self._run(
+            "SELECT workflow FROM {triggers} WHERE %s = ANY(event_names) ORDER BY workflow",
+            (event_name,),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+
+# ------------------------------------------------------------ following the events
+@dataclass(frozen=True)
+class Applied:
+    position: int
+    applied: int
+    backfilled: int
+    sent: int
+
+
+def apply_batch(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    batch: Iterable[EventRecord],
+    read: Reader,
+    send: Send,
+) -> Applied:
+    """Decide on a delivered batch, send the commands, then write the scheduler's rows and
+    its position in one transaction: duplicates are skipped and gaps filled from the store.
+
+    The commands are sent before the commit, so a crash in between only sends them again,
+    which changes nothing (each is idempotent).
+    """
+    records = list(batch)
+    delivered = {r.position for r in records}
+    with conn.transaction():
+        ss.lock(conn, schema)
+        reached = ss.position(conn, schema)
+        todo = in_order(records, reached, backfill_from(read))
+        if not todo:
+            return Applied(reached, 0, 0, 0)
+        scheduler = Scheduler(PostgresSchedulerView(conn, schema))
+        commands = [command for record in todo for command in scheduler.process(record)]
+        if commands:
+            send(commands)
+        reached = todo[-1].position
+        ss.set_position(conn, schema, reached)
+    backfilled = sum(1 for r in todo if r.position not in delivered)
+    return Applied(reached, len(todo), backfilled, len(commands))
+
+
+def catch_up(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    read: Reader,
+    send: Send,
+    *,
+    until: int | None = None,
+    batch_size: int = READ_BATCH,
+) -> int:
+    """Apply the store's records after the tracked position (up to ``until``), one
+    transaction per ``batch_size`` records; the number applied."""
+    applied = 0
+    while True:
+        with conn.transaction():
+            ss.lock(conn, schema)
+            reached = ss.position(conn, schema)
+            if until is not None and reached >= until:
+                return applied
+            records = [r for r in read(reached, batch_size) if until is None or r.position <= until]
+            if not records:
+                return applied
+            result = apply_batch(conn, schema, records, read, send)
+        applied += result.applied
+
+
+class SchedulerFollower(ProjectionBuilder):
+    """The scheduler's durable consumer: the projection builder's loop, the scheduler's
+    decisions (commands sent, then rows and position committed, then acks)."""
+
+    logger: ClassVar[logging.Logger] = log
+
+    def __init__(self, *args: Any, send: Send, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.send = send
+
+    def _apply(self, records: list[EventRecord]) -> None:
+        with self.pool.connection() as conn:
+            first = min(records, key=lambda r: r.position)
+            if first.prev_position > self.position + READ_BATCH:
+                # A large gap (purged stream): fill it in batches, not in one transaction.
+                self._caught_up(
+                    catch_up(conn, self.schema, self.read, self.send, until=first.prev_position)
+                )
+            result = apply_batch(conn, self.schema, records, self.read, self.send)
+        self.position = max(self.position, result.position)
+        if result.backfilled:
+            log.info(
+                "gap before %d: %d record(s) read from the store", first.position, result.backfilled
+            )
+        log.debug("applied %d, sent %d, now at %d", result.applied, result.sent, result.position)
+
+    def _catch_up_if_behind_sync(self) -> None:
+        with self.pool.connection() as conn:
+            if self.position >= rs.store_head(conn, self.schema):
+                return
+            self._caught_up(catch_up(conn, self.schema, self.read, self.send))
+            with conn.transaction():
+                self.position = max(self.position, ss.position(conn, self.schema))
+
+
+# -------------------------------------------------------------------------- timers
+def fire_due(pool: Pool, schema: str, now: datetime, send: Send, limit: int = DUE_BATCH) -> int:
+    """Send the command of every timer due by ``now`` (up to ``limit``) and delete them, in
+    one transaction; the number fired. Rows another instance holds are skipped."""
+    t = ss.identifiers(schema)
+    with pool.connection() as conn, conn.transaction():
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT run_id, kind, name, due_at, cause FROM {timers} WHERE due_at <= %s"
+                " ORDER BY due_at LIMIT %s FOR UPDATE SKIP LOCKED"
+            ).format(**t),
+            (now, limit),
+        ).fetchall()
+        if not rows:
+            return 0
+        timers = [Timer(r[0], cast(TimerKind, r[1]), r[2], r[3], r[4]) for r in rows]
+        send([timer.command() for timer in timers])
+        with conn.cursor() as cursor:
+            cursor.executemany(
+                sql.SQL(
+                    "DELETE FROM {timers} WHERE run_id = %s AND kind = %s AND name = %s"
+                ).format(**t),
+                [(timer.run_id, timer.kind, timer.name) for timer in timers],
+            )
+    log.debug("fired %d timer(s)", len(timers))
+    return len(timers)
+
+
+async def poll_timers(
+    pool: Pool, schema: str, clock: Clock, send: Send, stop: asyncio.Event
+) -> None:
+    """Fire due timers every POLL_INTERVAL (at once again while a full batch was due)."""
+    while not stop.is_set():
+        try:
+            fired = await asyncio.to_thread(fire_due, pool, schema, clock.now(), send)
+        except TRANSIENT as error:
+            if stop.is_set():
+                break
+            log.warning("timers: %s; retrying in %g s", _say(error), RETRY_DELAY)
+            await _pause(stop, RETRY_DELAY)
+            continue
+        except Exception:
+            log.exception("timers: failed; retrying in %g s", BUG_DELAY)
+            await _pause(stop, BUG_DELAY)
+            continue
+        if fired < DUE_BATCH:
+            await _pause(stop, POLL_INTERVAL)
+
+
+# ---------------------------------------------------------------------------- role
+async def run(settings: Settings, stop: asyncio.Event, clock: Clock | None = None) -> None:
+    """Follow the events stream and fire due timers until ``stop`` is set.
+
+    ``clock`` says when a timer is due (the system clock unless a test moves time).
+    Raises SchedulerTablesMissingError before `db init`.
+    """
+    clock = clock or SystemClock()
+    names = Names(settings.subject_prefix)
+    pool = await asyncio.to_thread(open_pool, settings, 3)
+    app: WorkflowRuns | None = None
+    try:
+        position = await asyncio.to_thread(_position, pool, settings.db_schema)
+        app = await asyncio.to_thread(bootstrap, settings, clock=clock)
+        send = sender(app, settings.max_command_batch)
+        read = partial(read_after, app)
+        nc = await connect(settings, name="ledgerflow-scheduler")
+        try:
+            js = nc.jetstream()
+            log.info("scheduler following %s from %d", names.events_stream, position)
+            with contextlib.suppress(nats.errors.Error):
+                await ensure_events_stream(js, names)
+            follower = SchedulerFollower(
+                ss.NAME, settings.db_schema, names, js, pool, read, send=send
+            )
+            follower.position = position
+            async with asyncio.TaskGroup() as group:
+                group.create_task(follower.run(stop), name="scheduler-events")
+                group.create_task(
+                    poll_timers(pool, settings.db_schema, clock, send, stop),
+                    name="scheduler-timers",
+                )
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await nc.flush(timeout=5)
+            await nc.close()
+    finally:
+        if app is not None:
+            await asyncio.to_thread(app.close)
+        await asyncio.to_thread(pool.close)
+    log.info("scheduler stopped")
+
+
+def _position(pool: Pool, schema: str) -> int:
+    with pool.connection() as conn:
+        try:
+            with conn.transaction():
+                return ss.position(conn, schema)
+        except psycopg.errors.UndefinedTable:
+            raise ss.SchedulerTablesMissingError(
+                "the scheduler's tables are missing: run `ledgerflow db init`"
+            ) from None

@@ -1,0 +1,293 @@
+"""The Scheduler process manager: from each event, the commands to send and the rows to keep."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal, Protocol
+from uuid import UUID
+
+from domain.values import JSON
+from domain.workflow_run import matches
+from projections.records import EventRecord
+from services import commands as c
+
+TimerKind = Literal["sleep", "retry", "wait", "run"]
+
+DISPATCH_REASONS: dict[str, str] = {
+    "WorkflowRun.RunStarted": "start",
+    "WorkflowRun.TimerFired": "timer",
+    "WorkflowRun.EventReceived": "event",
+    "WorkflowRun.WaitTimedOut": "wait_timeout",
+    "WorkflowRun.ChildCompleted": "child",
+    "WorkflowRun.RunRetried": "retried",
+    "WorkflowRun.CompensationStarted": "compensate",
+}
+"""The events that make a run movable, and the reason its hand-off gives."""
+
+RUN_ENDS = frozenset(
+    {
+        "WorkflowRun.RunCompleted",
+        "WorkflowRun.RunFailed",
+        "WorkflowRun.RunCancelled",
+        "WorkflowRun.RunTimedOut",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Timer:
+    """A row of the timers table: at ``due_at``, the poller sends ``command()``."""
+
+    run_id: UUID
+    kind: TimerKind
+    name: str
+    due_at: datetime
+    cause: int = 0  # a retry's: the position of its RetryScheduled
+
+    def command(self) -> c.Command:
+        if self.kind == "sleep":
+            return c.FireTimer(run_id=self.run_id, name=self.name)
+        if self.kind == "retry":
+            return c.DispatchRun(run_id=self.run_id, reason="retry", cause=self.cause)
+        if self.kind == "wait":
+            return c.TimeOutWait(run_id=self.run_id, name=self.name)
+        return c.TimeOutRun(run_id=self.run_id)
+
+
+@dataclass(frozen=True)
+class Wait:
+    """An open wait of a run, as the router matches inbound events against it."""
+
+    run_id: UUID
+    name: str
+    event_name: str
+    match: dict[str, JSON]
+
+
+@dataclass(frozen=True)
+class Parent:
+    run_id: UUID
+    step: str
+
+
+class SchedulerView(Protocol):
+    """The scheduler's tables: written and read inside the transaction of one batch."""
+
+    def put_timer(self, timer: Timer) -> None: ...
+
+    def delete_timer(self, run_id: UUID, kind: TimerKind, name: str) -> None: ...
+
+    def put_wait(self, wait: Wait) -> None: ...
+
+    def delete_wait(self, run_id: UUID, name: str) -> None: ...
+
+    def open_waits(self, event_name: str) -> list[Wait]: ...
+
+    def put_parent(self, run_id: UUID, parent: Parent) -> None: ...
+
+    def parent_of(self, run_id: UUID) -> Parent | None: ...
+
+    def end_run(self, run_id: UUID) -> None:
+        """Forget every timer, wait and parent link of an ended run."""
+        ...
+
+    def put_triggers(self, type_id: UUID, workflow: str | None, triggers: Iterable[str]) -> None:
+        """Replace the event names that start a run of the workflow ``type_id`` (named
+        ``workflow``; None keeps the name it was registered with)."""
+        ...
+
+    def triggered_workflows(self, event_name: str) -> list[str]: ...
+
+
+Handler = Callable[["Scheduler", EventRecord], list[c.Command]]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def _on(*qualified_types: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        for qualified_type in qualified_types:
+            _HANDLERS[qualified_type] = fn
+        return fn
+
+    return register
+
+
+class Scheduler:
+    """Decides, for each record in log order, the commands to send and the view's changes.
+
+    Deterministic given the view: exactly-once comes from the caller tracking the position
+    in the same transaction as the view, and every command it sends is idempotent.
+    """
+
+    def __init__(self, view: SchedulerView) -> None:
+        self.view = view
+
+    def process(self, record: EventRecord) -> list[c.Command]:
+        commands: list[c.Command] = []
+        handler = _HANDLERS.get(record.qualified_type)
+        if handler is not None:
+            commands += handler(self, record)
+        reason = DISPATCH_REASONS.get(record.qualified_type)
+        if reason is not None:
+            commands.append(
+                c.DispatchRun(run_id=record.originator_id, reason=reason, cause=record.position)
+            )
+        return commands
+
+    # ---------------------------------------------------------------------- timers
+    @_on("WorkflowRun.RunStarted")
+    def _run_started(self, record: EventRecord) -> list[c.Command]:
+        data = record.data
+        parent_run_id, parent_step = data.get("parent_run_id"), data.get("parent_step")
+        if parent_run_id is not None and parent_step is not None:
+            self.view.put_parent(
+                record.originator_id, Parent(UUID(str(parent_run_id)), str(parent_step))
+            )
+        timeouts = data.get("timeouts")
+        limit = timeouts.get("run") if isinstance(timeouts, dict) else None
+        if isinstance(limit, int | float) and not isinstance(limit, bool):
+            due_at = record.timestamp + timedelta(seconds=limit)
+            self.view.put_timer(Timer(record.originator_id, "run", "", due_at))
+        return []
+
+    @_on("WorkflowRun.SleepStarted")
+    def _sleep_started(self, record: EventRecord) -> list[c.Command]:
+        due_at = _when(record.data["wake_at"])
+        self.view.put_timer(Timer(record.originator_id, "sleep", _text(record, "name"), due_at))
+        return []
+
+    @_on("WorkflowRun.TimerFired")
+    def _timer_fired(self, record: EventRecord) -> list[c.Command]:
+        self.view.delete_timer(record.originator_id, "sleep", _text(record, "name"))
+        return []
+
+    @_on("WorkflowRun.RetryScheduled")
+    def _retry_scheduled(self, record: EventRecord) -> list[c.Command]:
+        due_at = _when(record.data["due_at"])
+        step = _text(record, "step")
+        self.view.put_timer(Timer(record.originator_id, "retry", step, due_at, record.position))
+        return []
+
+    @_on("WorkflowRun.StepStarted")
+    def _step_started(self, record: EventRecord) -> list[c.Command]:
+        self.view.delete_timer(record.originator_id, "retry", _text(record, "step"))
+        return []
+
+    # ----------------------------------------------------------------------- waits
+    @_on("WorkflowRun.WaitStarted")
+    def _wait_started(self, record: EventRecord) -> list[c.Command]:
+        name = _text(record, "name")
+        match = record.data.get("match")
+        wait = Wait(
+            record.originator_id,
+            name,
+            _text(record, "event_name"),
+            dict(match) if isinstance(match, dict) else {},
+        )
+        self.view.put_wait(wait)
+        timeout_at = record.data.get("timeout_at")
+        if timeout_at is not None:
+            self.view.put_timer(Timer(record.originator_id, "wait", name, _when(timeout_at)))
+        return []
+
+    @_on("WorkflowRun.EventReceived", "WorkflowRun.WaitTimedOut")
+    def _wait_settled(self, record: EventRecord) -> list[c.Command]:
+        name = _text(record, "name")
+        self.view.delete_wait(record.originator_id, name)
+        self.view.delete_timer(record.originator_id, "wait", name)
+        return []
+
+    # ------------------------------------------------------------------- run ends
+    @_on(*RUN_ENDS)
+    def _run_ended(self, record: EventRecord) -> list[c.Command]:
+        parent = self.view.parent_of(record.originator_id)
+        self.view.end_run(record.originator_id)
+        if parent is None:
+            return []
+        return [c.ResolveChild(run_id=parent.run_id, name=parent.step)]
+
+    # --------------------------------------------------------------------- router
+    @_on("WorkflowType.Registered", "WorkflowType.DefinitionChanged")
+    def _definition(self, record: EventRecord) -> list[c.Command]:
+        definition = record.data.get("definition")
+        triggers = definition.get("triggers") if isinstance(definition, dict) else None
+        workflow = record.data.get("name")  # DefinitionChanged has none: keep the first
+        name = str(workflow) if workflow is not None else None
+        self.view.put_triggers(record.originator_id, name, _strings(triggers))
+        return []
+
+    @_on("InboundEvent.Received")
+    def _event_received(self, record: EventRecord) -> list[c.Command]:
+        event_id = record.originator_id
+        name = _text(record, "name")
+        data = record.data.get("data")
+        commands: list[c.Command] = [
+            c.TriggerRun(event_id=event_id, workflow=workflow)
+            for workflow in sorted(self.view.triggered_workflows(name))
+        ]
+        commands += [
+            c.DeliverEvent(run_id=wait.run_id, name=wait.name, event_id=event_id)
+            for wait in self.view.open_waits(name)
+            if matches(wait.match, data)
+        ]
+        return commands
+
+
+def _text(record: EventRecord, field: str) -> str:
+    return str(record.data[field])
+
+
+def _when(value: JSON) -> datetime:
+    return datetime.fromisoformat(str(value))
+
+
+def _strings(value: JSON) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+class MemorySchedulerView:
+    """The scheduler's tables in memory (unit tests, and a reference for the real one)."""
+
+    def __init__(self) -> None:
+        self.timers: dict[tuple[UUID, str, str], Timer] = {}
+        self.waits: dict[tuple[UUID, str], Wait] = {}
+        self.parents: dict[UUID, Parent] = {}
+        self.triggers: dict[UUID, tuple[str, set[str]]] = {}
+
+    def put_timer(self, timer: Timer) -> None:
+        self.timers[(timer.run_id, timer.kind, timer.name)] = timer
+
+    def delete_timer(self, run_id: UUID, kind: TimerKind, name: str) -> None:
+        self.timers.pop((run_id, kind, name), None)
+
+    def put_wait(self, wait: Wait) -> None:
+        self.waits[(wait.run_id, wait.name)] = wait
+
+    def delete_wait(self, run_id: UUID, name: str) -> None:
+        self.waits.pop((run_id, name), None)
+
+    def open_waits(self, event_name: str) -> list[Wait]:
+        return [w for w in self.waits.values() if w.event_name == event_name]
+
+    def put_parent(self, run_id: UUID, parent: Parent) -> None:
+        self.parents[run_id] = parent
+
+    def parent_of(self, run_id: UUID) -> Parent | None:
+        return self.parents.get(run_id)
+
+    def end_run(self, run_id: UUID) -> None:
+        self.timers = {k: t for k, t in self.timers.items() if k[0] != run_id}
+        self.waits = {k: w for k, w in self.waits.items() if k[0] != run_id}
+        self.parents.pop(run_id, None)
+
+    def put_triggers(self, type_id: UUID, workflow: str | None, triggers: Iterable[str]) -> None:
+        if workflow is None:
+            if type_id not in self.triggers:
+                return  # redefined before registered: impossible in one log
+            workflow = self.triggers[type_id][0]
+        self.triggers[type_id] = (workflow, set(triggers))
+
+    def triggered_workflows(self, event_name: str) -> list[str]:
+        return sorted(w for w, names in self.triggers.values() if event_name in names)
