@@ -11,20 +11,41 @@ from domain.errors import (
 )
 from domain.values import Concurrency, RetryPolicy, Timeouts
 from domain.workflow_run import RunStatus
+from ledgerflow.client import Client
+from ledgerflow.context import RunContext
+from ledgerflow.errors import (
+    ChildFailedError,
+    CommandError,
+    NonRetryableError,
+    RunFailedError,
+    StepFailedError,
+)
+from ledgerflow.flow import Flow, Workflow
+from ledgerflow.worker import Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChildFailedError",
+    "Client",
+    "CommandError",
     "Concurrency",
     "ConcurrencyConflictError",
     "DomainError",
+    "Flow",
     "InvalidCommandError",
     "InvalidStateError",
+    "NonRetryableError",
     "RetryPolicy",
+    "RunContext",
+    "RunFailedError",
     "RunNotActiveError",
     "RunNotFoundError",
     "RunStatus",
+    "StepFailedError",
     "Timeouts",
     "UnknownWorkflowError",
+    "Worker",
+    "Workflow",
     "__version__",
 ]

@@ -243,6 +243,7 @@ class Role(StrEnum):
     RELAY = "relay"
     PROJECTIONS = "projections"
     API = "api"
+    SCHEDULER = "scheduler"
     ALL = "all"
 
 
@@ -268,6 +269,50 @@ def serve(
     try:
         asyncio.run(serve_roles(settings, roles))
     except OSError as e:  # unreachable NATS or database, a port already in use
+        _fail("unavailable", str(e), Exit.UNAVAILABLE)
+
+
+@app.command()
+def worker(
+    target: Annotated[str, typer.Argument(help="MODULE:FLOW, the Flow to serve")],
+    concurrency: Annotated[int, typer.Option(min=1, help="tasks in hand at most")] = 10,
+    ack_wait: Annotated[
+        float, typer.Option(min=0.5, help="heartbeat timeout in seconds (JetStream ack_wait)")
+    ] = 30.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run a worker for a flow's workflows until SIGTERM."""
+    import asyncio
+    import importlib
+    import logging
+    import signal
+
+    from ledgerflow.flow import Flow
+    from ledgerflow.worker import Worker
+
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    module_name, _, attribute = target.partition(":")
+    try:
+        flow = getattr(importlib.import_module(module_name), attribute or "flow")
+    except (ImportError, AttributeError) as e:
+        _fail("invalid_command", f"cannot load {target}: {e}", Exit.USAGE)
+        return
+    if not isinstance(flow, Flow):
+        _fail("invalid_command", f"{target} is not a ledgerflow Flow", Exit.USAGE)
+    settings = _settings()
+
+    async def serve_flow() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Worker(flow, settings, concurrency, ack_wait=ack_wait).run(stop)
+
+    try:
+        asyncio.run(serve_flow())
+    except OSError as e:  # unreachable NATS
         _fail("unavailable", str(e), Exit.UNAVAILABLE)
 
 

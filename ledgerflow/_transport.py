@@ -1,0 +1,137 @@
+"""The SDK's only contact with NATS: command requests and the worker task queues."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from infrastructure.nats.names import Names
+from infrastructure.nats.requests import request
+from infrastructure.nats.streams import StreamLimits, ensure_stream, tasks_config
+from ledgerflow.errors import CommandError, error_for
+
+log = logging.getLogger("ledgerflow.transport")
+
+COMMAND_TIMEOUT = 10.0
+"""Seconds a command request waits for its reply."""
+
+
+class Transport:
+    """A NATS connection that sends commands to ``<prefix>.cmd.<name>``."""
+
+    def __init__(self, nc: NatsClient, subject_prefix: str, timeout: float = COMMAND_TIMEOUT):
+        self.nc = nc
+        self.names = Names(subject_prefix)
+        self.timeout = timeout
+
+    @classmethod
+    async def connect(cls, nats_url: str, subject_prefix: str, name: str) -> Transport:
+        nc = await nats.connect(nats_url, name=name, connect_timeout=2)
+        return cls(nc, subject_prefix)
+
+    async def command(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Send one command; the reply body, or the refusal raised as an exception."""
+        payload = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+        try:
+            msg = await request(self.nc, self.names.command(name), payload, self.timeout)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
+            raise CommandError("unavailable", f"{name}: no reply from the command service") from e
+        reply: dict[str, Any] = json.loads(msg.data)
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise error_for(str(error.get("code", "internal")), str(error.get("message", "")))
+        return reply
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+@dataclass
+class Task:
+    """A task message: which run to move, under which hand-off (``dispatch``)."""
+
+    run_id: str
+    dispatch: int
+    reason: str
+    queue: str
+    position: int
+    msg: Msg
+
+    @classmethod
+    def of(cls, msg: Msg) -> Task:
+        body = json.loads(msg.data)
+        return cls(
+            str(body["run_id"]),
+            int(body["dispatch"]),
+            str(body["reason"]),
+            str(body["queue"]),
+            int(body["position"]),
+            msg,
+        )
+
+    async def ack(self) -> None:
+        await self.msg.ack()
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self.msg.nak(delay=delay)
+
+    async def in_progress(self) -> None:
+        await self.msg.in_progress()
+
+
+class TaskQueue:
+    """The durable pull consumer of one queue, shared by every worker of that queue."""
+
+    def __init__(self, sub: Any, queue: str) -> None:
+        self._sub = sub
+        self.queue = queue
+
+    @classmethod
+    async def open(cls, transport: Transport, queue: str, ack_wait: float) -> TaskQueue:
+        names = transport.names
+        js = transport.nc.jetstream()
+        await ensure_stream(js, tasks_config(names, StreamLimits()))
+        durable = names.consumer(f"worker-{queue}")
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_ack_pending=10_000,
+            filter_subject=names.task(queue),
+        )
+        sub = await js.pull_subscribe(
+            names.task(queue), durable=durable, stream=names.tasks_stream, config=config
+        )
+        return cls(sub, queue)
+
+    async def fetch(self, count: int, timeout: float) -> list[Task]:
+        """Up to ``count`` tasks; none when ``timeout`` passes first."""
+        try:
+            msgs = await self._sub.fetch(count, timeout=timeout)
+        except (nats.errors.TimeoutError, TimeoutError):
+            return []
+        tasks = []
+        for msg in msgs:
+            try:
+                tasks.append(Task.of(msg))
+            except (ValueError, KeyError, TypeError):
+                log.error("dropping a malformed task message: %r", msg.data[:200])
+                await msg.term()
+        return tasks
+
+    async def close(self) -> None:
+        with contextlib.suppress(
+            nats.errors.BadSubscriptionError, nats.errors.ConnectionClosedError
+        ):
+            await self._sub.unsubscribe()

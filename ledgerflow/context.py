@@ -1,0 +1,348 @@
+"""RunContext: what workflow code calls; replays a run's recorded history, records the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar, overload
+
+import pydantic_core
+from pydantic import BaseModel, TypeAdapter
+
+from domain.errors import InvalidStateError
+from domain.values import RetryPolicy
+from ledgerflow.errors import (
+    ChildFailedError,
+    NonRetryableError,
+    StepFailedError,
+    is_superseded,
+)
+from ledgerflow.flow import type_hints, workflow_name
+
+T = TypeVar("T")
+MAX_ERROR_MESSAGE = 10_000
+CLOCK_SKEW = timedelta(seconds=1)
+"""How far this worker's clock may lag the scheduler's when it decides a retry is due."""
+
+
+class Commands(Protocol):
+    """Sends one command by its wire name; returns the reply, raises the refusal."""
+
+    def __call__(self, name: str, body: dict[str, Any]) -> Awaitable[dict[str, Any]]: ...
+
+
+class Interrupt(BaseException):
+    """Leaves the workflow function (a BaseException, so ``except Exception`` cannot eat it)."""
+
+
+class Suspended(Interrupt):
+    """The run waits (sleep, event, child, retry): the scheduler dispatches it again."""
+
+
+class HandedBack(Interrupt):
+    """The worker is stopping: the task goes back to the queue for another worker."""
+
+
+class Superseded(Interrupt):
+    """The run was handed off again: this task is stale and lets go."""
+
+
+class Refused(Interrupt):
+    """The run takes no new work any more (cancelled, compensating or ended)."""
+
+
+@dataclass(frozen=True)
+class Compensation:
+    step: str
+    fn: Callable[[Any], Any]
+    output: Any
+
+
+def encode(value: Any) -> Any:
+    """A JSON value for the store: pydantic models are dumped in JSON mode."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return pydantic_core.to_jsonable_python(value)
+
+
+def decode(value: Any, annotation: Any) -> Any:
+    """A recorded JSON value as the annotated type, when that is a pydantic model."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation.model_validate(value)
+    return value
+
+
+def decode_input(value: Any, annotation: Any) -> Any:
+    """A run's input validated against the workflow function's parameter annotation."""
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return value
+    return TypeAdapter(annotation).validate_python(value)
+
+
+def error_of(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc)[:MAX_ERROR_MESSAGE]}
+
+
+class RunContext:
+    """One replay of a run: recorded outcomes are returned, new work is recorded first.
+
+    ``snapshot`` is the ``load_run`` reply's ``run``; ``dispatch`` the task's hand-off.
+    With ``replay_only`` nothing new is recorded: the first new operation suspends (used to
+    collect the compensations of a run that is already compensating).
+    """
+
+    def __init__(
+        self,
+        snapshot: dict[str, Any],
+        send: Commands,
+        dispatch: int | None = None,
+        *,
+        replay_only: bool = False,
+        stopping: Callable[[], bool] = lambda: False,
+        reason: str = "",
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.snapshot = snapshot
+        self.run_id: str = snapshot["run_id"]
+        self.workflow: str = snapshot["workflow"]
+        self._send = send
+        self._dispatch = dispatch
+        self._replay_only = replay_only
+        self._stopping = stopping
+        self._reason = reason
+        self._now = now
+        self.compensations: dict[str, Compensation] = {}
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def idempotency_key(self, step: str) -> str:
+        """A step's stable key, the same on every attempt: pass it to external services."""
+        return f"{self.run_id}:{step}"
+
+    # ------------------------------------------------------------------------- steps
+    @overload
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        compensate: Callable[[T], Any] | None = None,
+    ) -> T: ...
+
+    @overload
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., T],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        compensate: Callable[[T], Any] | None = None,
+    ) -> T: ...
+
+    async def step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        compensate: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """Run ``fn(*args)`` once for good: a completed step returns its recorded output."""
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self._step(name, fn, args, retry, compensate)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        retry: RetryPolicy | None,
+        compensate: Callable[[Any], Any] | None,
+    ) -> Any:
+        returns = type_hints(fn).get("return")
+        state = self.snapshot["steps"].get(name)
+        status = state["status"] if state else "pending"
+        if status in ("completed", "compensated"):
+            output = decode(state["output"], returns)
+            if compensate is not None and status == "completed":
+                self.compensations[name] = Compensation(name, compensate, output)
+            return output
+        if status == "failed":
+            raise _step_failed(name, state)
+        if status == "retrying" and not self._retry_due(name):
+            raise Suspended(f"step {name!r} waits for its retry")
+        self._check_may_start()
+        attempt = (state["attempts"] if state else 0) + 1
+        await self._start_step(name, attempt, retry, status)
+        try:
+            value = fn(*args)
+            if inspect.isawaitable(value):
+                value = await value
+        except Exception as e:
+            return await self._failed(name, attempt, e, returns)
+        output = encode(value)
+        compensable = compensate is not None
+        await self._command(
+            "complete_step", step=name, attempt=attempt, output=output, compensable=compensable
+        )
+        if not isinstance(value, BaseModel):
+            value = decode(output, returns)
+        if compensate is not None:
+            self.compensations[name] = Compensation(name, compensate, value)
+        return value
+
+    async def _start_step(
+        self, name: str, attempt: int, retry: RetryPolicy | None, status: str
+    ) -> None:
+        body: dict[str, Any] = {"step": name, "attempt": attempt, "dispatch": self._dispatch}
+        if retry is not None:
+            body["retry_policy"] = retry.to_json()
+        try:
+            await self._command("start_step", **body)
+        except Refused as refused:
+            if status == "running" and "has used all" in str(refused):
+                # The last attempt was in flight when its worker died: it failed for good.
+                error = {"type": "WorkerLost", "message": "the worker died during the attempt"}
+                await self._command(
+                    "fail_step", step=name, attempt=attempt - 1, error=error, retryable=False
+                )
+                raise StepFailedError(name, error["type"], error["message"]) from None
+            raise
+
+    async def _failed(self, name: str, attempt: int, exc: Exception, returns: Any) -> Any:
+        retryable = not isinstance(exc, NonRetryableError)
+        await self._command(
+            "fail_step", step=name, attempt=attempt, error=error_of(exc), retryable=retryable
+        )
+        run = await self.reload()
+        state = run["steps"].get(name) or {}
+        if state.get("status") == "retrying":
+            raise Suspended(f"step {name!r} will be retried") from exc
+        if state.get("status") == "completed":  # another attempt's outcome stood
+            return decode(state["output"], returns)
+        raise _step_failed(name, state or {"error": error_of(exc)}) from exc
+
+    def _retry_due(self, name: str) -> bool:
+        """A retrying step runs again once due (by this clock, or the scheduler's say-so)."""
+        due = {
+            step: datetime.fromisoformat(state["retry_due_at"])
+            for step, state in self.snapshot["steps"].items()
+            if state["status"] == "retrying" and state.get("retry_due_at")
+        }
+        if name not in due or due[name] <= self._now() + CLOCK_SKEW:
+            return True
+        # Dispatched for a retry that this clock does not see due yet: the earliest one.
+        return self._reason == "retry" and due[name] == min(due.values())
+
+    # ------------------------------------------------------------------- waiting
+    async def sleep(self, name: str, duration: timedelta) -> None:
+        """Sleep durably: the run suspends and is dispatched again when the timer fires."""
+        await self._sleep(name, {"seconds": max(duration.total_seconds(), 0.0)})
+
+    async def sleep_until(self, name: str, when: datetime) -> None:
+        if when.tzinfo is None:
+            raise ValueError("sleep_until needs a time-zone-aware datetime")
+        await self._sleep(name, {"until": when.isoformat()})
+
+    async def _sleep(self, name: str, body: dict[str, Any]) -> None:
+        state = self.snapshot["sleeps"].get(name)
+        if state is not None:
+            if state["fired"]:
+                return
+            raise Suspended(f"sleep {name!r} has not fired")
+        self._check_may_start()
+        await self._command("start_sleep", name=name, **body)
+        raise Suspended(f"sleep {name!r} started")
+
+    async def wait_for_event(
+        self,
+        name: str,
+        event_name: str,
+        match: dict[str, Any] | None = None,
+        timeout: timedelta | None = None,
+    ) -> dict[str, Any] | None:
+        """The data of the first matching event, or None when ``timeout`` passes first."""
+        state = self.snapshot["waits"].get(name)
+        if state is not None:
+            if state["outcome"] == "received":
+                data: dict[str, Any] = state["data"]
+                return data
+            if state["outcome"] == "timed_out":
+                return None
+            raise Suspended(f"wait {name!r} is pending")
+        self._check_may_start()
+        body: dict[str, Any] = {"name": name, "event_name": event_name, "match": match or {}}
+        if timeout is not None:
+            body["timeout_seconds"] = timeout.total_seconds()
+        await self._command("start_wait", **body)
+        raise Suspended(f"wait {name!r} started")
+
+    async def invoke(self, name: str, workflow: str | Callable[..., Any], input: Any = None) -> Any:
+        """Run a child workflow; its output, or ChildFailedError."""
+        state = self.snapshot["children"].get(name)
+        if state is not None:
+            if state["outcome"] == "completed":
+                return state["output"]
+            if state["outcome"] == "failed":
+                error = state.get("error") or {}
+                raise ChildFailedError(
+                    name, str(error.get("type", "Error")), str(error.get("message", ""))
+                )
+            raise Suspended(f"child {name!r} is running")
+        self._check_may_start()
+        await self._command(
+            "start_child", name=name, workflow=workflow_name(workflow), input=encode(input)
+        )
+        raise Suspended(f"child {name!r} started")
+
+    async def send_event(self, name: str, event_name: str, data: dict[str, Any]) -> str:
+        """Send an event once (named, so a replay does not send it again); its id."""
+        sent = self.snapshot["sent_events"].get(name)
+        if sent is not None:
+            return str(sent)
+        self._check_may_start()
+        reply = await self._command(
+            "emit_event", name=name, event_name=event_name, data=encode(data)
+        )
+        return str(reply["event_id"])
+
+    # -------------------------------------------------------------------- plumbing
+    async def reload(self) -> dict[str, Any]:
+        reply = await self._command("load_run")
+        run: dict[str, Any] = reply["run"]
+        return run
+
+    async def settled(self) -> None:
+        """Returns once no step of this replay is in flight."""
+        while self._inflight:
+            await self._idle.wait()
+
+    def _check_may_start(self) -> None:
+        if self._replay_only:
+            raise Suspended("replaying only: nothing new is recorded")
+        if self._stopping():
+            raise HandedBack("the worker is stopping")
+
+    async def _command(self, command: str, /, **body: Any) -> dict[str, Any]:
+        try:
+            return await self._send(command, {"run_id": self.run_id, **body})
+        except InvalidStateError as e:
+            if is_superseded(e):
+                raise Superseded(str(e)) from None
+            raise Refused(str(e)) from None
+
+
+def _step_failed(name: str, state: dict[str, Any]) -> StepFailedError:
+    error = state.get("error") or {}
+    return StepFailedError(name, str(error.get("type", "Error")), str(error.get("message", "")))

@@ -1,0 +1,76 @@
+"""The SDK's exceptions: what workflow code raises and meets, and refused commands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from domain.errors import (
+    ConcurrencyConflictError,
+    DomainError,
+    InvalidCommandError,
+    InvalidStateError,
+    RunNotFoundError,
+    UnknownWorkflowError,
+)
+
+
+class NonRetryableError(Exception):
+    """Raise it from a step to fail the step at once, whatever its retry policy says."""
+
+
+class StepFailedError(Exception):
+    """A step failed for good (no attempt left, or not retryable): raised into the workflow."""
+
+    def __init__(self, step: str, type: str, message: str) -> None:
+        super().__init__(f"step {step!r} failed: {type}: {message}")
+        self.step, self.type, self.message = step, type, message
+
+
+class ChildFailedError(Exception):
+    """A child run (``ctx.invoke``) failed or was cancelled: raised into the parent."""
+
+    def __init__(self, name: str, type: str, message: str) -> None:
+        super().__init__(f"child {name!r} failed: {type}: {message}")
+        self.name, self.type, self.message = name, type, message
+
+
+class RunFailedError(Exception):
+    """``Client.result``: the run ended without an output (failed or cancelled)."""
+
+    def __init__(self, run_id: str, status: str, error: dict[str, Any] | None) -> None:
+        error = error or {}
+        kind, message = error.get("type", status), error.get("message", "")
+        super().__init__(f"run {run_id} {status}: {kind}: {message}")
+        self.run_id, self.status, self.error = run_id, status, error
+
+
+class CommandError(Exception):
+    """A command was refused with a code the domain has no exception class for."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+_BY_CODE: dict[str, type[DomainError]] = {
+    "invalid_command": InvalidCommandError,
+    "invalid_state": InvalidStateError,
+    "run_not_found": RunNotFoundError,
+    "unknown_workflow": UnknownWorkflowError,
+    "conflict": ConcurrencyConflictError,
+}
+
+
+def error_for(code: str, message: str) -> Exception:
+    """The exception a refused command raises: a DomainError subclass when there is one."""
+    kind = _BY_CODE.get(code)
+    if kind is None:
+        return CommandError(code, message)
+    error = kind.__new__(kind)
+    DomainError.__init__(error, message)  # the subclasses' own constructors want ids
+    return error
+
+
+def is_superseded(error: Exception) -> bool:
+    """A worker's hand-off is stale: the run was dispatched again (``SupersededError``)."""
+    return isinstance(error, InvalidStateError) and "handed off again" in str(error)

@@ -1,0 +1,128 @@
+"""Flow: the registry of a service's workflows, filled by the ``@flow.workflow`` decorator."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from domain.values import Concurrency, RetryPolicy, Timeouts
+
+if TYPE_CHECKING:
+    from ledgerflow.context import RunContext
+
+WorkflowFn = Callable[["RunContext", Any], Awaitable[Any]]
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+WORKFLOW_NAME_ATTRIBUTE = "__ledgerflow_workflow__"
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A registered workflow: its function and the definition sent by ``register_workflow``."""
+
+    name: str
+    fn: WorkflowFn
+    triggers: list[str] = field(default_factory=list)
+    retry: RetryPolicy | None = None
+    timeout: timedelta | None = None
+    concurrency: Concurrency | None = None
+    queue: str = "default"
+
+    @property
+    def input_type(self) -> Any:
+        """The annotation of the function's second parameter (``Any`` when there is none)."""
+        params = list(inspect.signature(self.fn).parameters)
+        if len(params) < 2:
+            return Any
+        return type_hints(self.fn).get(params[1], Any)
+
+    @property
+    def output_type(self) -> Any:
+        return type_hints(self.fn).get("return", Any)
+
+    def registration(self, worker_id: str | None = None) -> dict[str, Any]:
+        """The body of the ``register_workflow`` command."""
+        body: dict[str, Any] = {"name": self.name, "triggers": self.triggers, "queue": self.queue}
+        if self.retry is not None:
+            body["retry_policy"] = self.retry.to_json()
+        if self.timeout is not None:
+            body["timeouts"] = Timeouts(run=self.timeout.total_seconds()).to_json()
+        if self.concurrency is not None:
+            body["concurrency"] = self.concurrency.to_json()
+        if worker_id is not None:
+            body["worker_id"] = worker_id
+        return body
+
+
+class Flow:
+    """A named set of workflows that one worker process serves."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._workflows: dict[str, Workflow] = {}
+
+    def workflow(
+        self,
+        name: str | None = None,
+        *,
+        triggers: list[str] | None = None,
+        retry: RetryPolicy | None = None,
+        timeout: timedelta | None = None,
+        concurrency: int | Concurrency | None = None,
+        queue: str = "default",
+    ) -> Callable[[F], F]:
+        """Register ``async def wf(ctx: RunContext, input: T) -> R`` under ``name``."""
+
+        def register(fn: F) -> F:
+            is_async = inspect.iscoroutinefunction(fn)
+            if not is_async:
+                raise TypeError(f"workflow {fn.__name__} must be an async function")
+            wf_name = name or fn.__name__
+            if wf_name in self._workflows:
+                raise ValueError(f"workflow {wf_name!r} is registered twice in flow {self.name}")
+            limit = Concurrency(limit=concurrency) if isinstance(concurrency, int) else concurrency
+            self._workflows[wf_name] = Workflow(
+                wf_name, fn, list(triggers or []), retry, timeout, limit, queue
+            )
+            setattr(fn, WORKFLOW_NAME_ATTRIBUTE, wf_name)
+            return fn
+
+        return register
+
+    def get(self, name: str) -> Workflow | None:
+        return self._workflows.get(name)
+
+    def __getitem__(self, name: str) -> Workflow:
+        return self._workflows[name]
+
+    def __iter__(self) -> Iterator[Workflow]:
+        return iter(self._workflows.values())
+
+    def __len__(self) -> int:
+        return len(self._workflows)
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted({w.queue for w in self._workflows.values()})
+
+
+def workflow_name(workflow: str | Callable[..., Any]) -> str:
+    """A workflow's name, from the name itself or from a function ``@flow.workflow`` took."""
+    if isinstance(workflow, str):
+        return workflow
+    name = getattr(workflow, WORKFLOW_NAME_ATTRIBUTE, None)
+    if not isinstance(name, str):
+        raise TypeError(f"{workflow!r} is not a registered workflow")
+    return name
+
+
+def type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    """``typing.get_type_hints``, or nothing for callables it cannot read (lambdas, partials)."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}

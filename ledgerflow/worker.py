@@ -1,0 +1,255 @@
+"""The worker: pulls a queue's tasks and replays each run's workflow function (ADR 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import socket
+from enum import StrEnum
+from typing import Any
+
+from infrastructure.settings import Settings
+from ledgerflow._transport import Task, TaskQueue, Transport
+from ledgerflow.context import (
+    HandedBack,
+    Refused,
+    RunContext,
+    Superseded,
+    Suspended,
+    decode_input,
+    encode,
+    error_of,
+)
+from ledgerflow.flow import Flow, Workflow
+
+log = logging.getLogger("ledgerflow.worker")
+
+ENDED = frozenset({"completed", "failed", "cancelled"})
+FETCH_TIMEOUT = 1.0
+"""Seconds one fetch waits for tasks (and so how soon a stop request is noticed)."""
+RETRY_DELAY = 1.0
+"""Seconds before a task that met an unexpected error is delivered again."""
+
+
+class Outcome(StrEnum):
+    ACK = "ack"  # done with this hand-off: the run ended, suspended or moved on
+    NAK = "nak"  # give it back: another worker (or this one, later) takes it
+
+
+class Worker:
+    """Serves every workflow of ``flow``, with at most ``concurrency`` tasks in hand."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        settings: Settings,
+        concurrency: int = 10,
+        *,
+        ack_wait: float = 30.0,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.flow = flow
+        self.settings = settings
+        self.concurrency = concurrency
+        self.ack_wait = ack_wait
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._held = 0  # tasks in hand (and slots reserved by a fetch under way)
+        self._freed = asyncio.Event()
+        self._stopping = False
+        self._transport: Transport | None = None
+        self.ready = asyncio.Event()
+        """Set once the workflows are registered and the queues are being pulled."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set; then hand back what is in hand and close."""
+        transport = await Transport.connect(
+            self.settings.nats_url, self.settings.subject_prefix, f"worker-{self.worker_id}"
+        )
+        self._transport = transport
+        in_hand: set[asyncio.Task[None]] = set()
+        queues: list[TaskQueue] = []
+        try:
+            for workflow in self.flow:
+                await transport.command("register_workflow", workflow.registration(self.worker_id))
+            for name in self.flow.queues:
+                queues.append(await TaskQueue.open(transport, name, self.ack_wait))
+            log.info(
+                "worker %s serves %d workflow(s) on queue(s) %s, concurrency %d",
+                self.worker_id,
+                len(self.flow),
+                ", ".join(self.flow.queues),
+                self.concurrency,
+            )
+            self.ready.set()
+            pullers = [
+                asyncio.create_task(self._pull(q, stop, in_hand), name=f"pull-{q.queue}")
+                for q in queues
+            ]
+            await asyncio.gather(*pullers)
+        finally:
+            self._stopping = True
+            if in_hand:
+                log.info("stopping: handing back %d run(s) in hand", len(in_hand))
+                await asyncio.gather(*in_hand, return_exceptions=True)
+            for queue in queues:
+                await queue.close()
+            await transport.close()
+            log.info("worker %s stopped", self.worker_id)
+
+    async def _pull(
+        self, queue: TaskQueue, stop: asyncio.Event, in_hand: set[asyncio.Task[None]]
+    ) -> None:
+        while not stop.is_set():
+            free = self.concurrency - self._held
+            if free <= 0:
+                self._freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), FETCH_TIMEOUT)
+                continue
+            self._held += free  # reserved, so that other queues' pullers cannot take them
+            try:
+                tasks = await queue.fetch(free, FETCH_TIMEOUT)
+            except Exception:
+                tasks = []
+                if not stop.is_set():
+                    log.exception("fetching tasks from queue %s failed", queue.queue)
+                    await asyncio.sleep(RETRY_DELAY)  # a backoff, not a synchronisation
+            finally:
+                self._held -= free
+            for task in tasks:
+                self._held += 1
+                job = asyncio.create_task(self._hold(task), name=f"run-{task.run_id}")
+                in_hand.add(job)
+                job.add_done_callback(in_hand.discard)
+
+    async def _hold(self, task: Task) -> None:
+        """Process one task with a heartbeat, then ack or nak it."""
+        heartbeat = asyncio.create_task(self._heartbeat(task))
+        try:
+            outcome = await self._process(task)
+        except Exception:
+            log.exception("run %s: task failed; it will be delivered again", task.run_id)
+            outcome = Outcome.NAK
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            self._held -= 1
+            self._freed.set()
+        try:
+            if outcome is Outcome.ACK:
+                await task.ack()
+            else:
+                await task.nak(None if self._stopping else RETRY_DELAY)
+        except Exception:
+            log.warning("run %s: could not %s its task", task.run_id, outcome.value)
+
+    async def _heartbeat(self, task: Task) -> None:
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            with contextlib.suppress(Exception):
+                await task.in_progress()
+
+    # ---------------------------------------------------------------------- one task
+    async def _process(self, task: Task) -> Outcome:
+        run = await self._load(task.run_id)
+        if run["status"] in ENDED:
+            log.debug("run %s has ended (%s): task dropped", task.run_id, run["status"])
+            return Outcome.ACK
+        if run["dispatch"] > task.dispatch:
+            log.debug("run %s: dispatch %d is stale", task.run_id, task.dispatch)
+            return Outcome.ACK
+        workflow = self.flow.get(run["workflow"])
+        if workflow is None:
+            log.error("run %s: this worker has no workflow %r", task.run_id, run["workflow"])
+            return Outcome.NAK
+        if run["status"] == "compensating":
+            return await self._compensate(workflow, run)
+        log.info("run %s (%s): replaying (%s)", task.run_id, workflow.name, task.reason)
+        ctx = RunContext(
+            run, self._send, task.dispatch, stopping=lambda: self._stopping, reason=task.reason
+        )
+        try:
+            try:
+                output = await self._call(workflow, ctx, run)
+            finally:
+                await ctx.settled()
+        except Suspended as why:
+            log.info("run %s: suspended (%s)", task.run_id, why)
+            return Outcome.ACK
+        except HandedBack:
+            log.info("run %s: handed back", task.run_id)
+            return Outcome.NAK
+        except Superseded:
+            log.info("run %s: handed off again; letting go", task.run_id)
+            return Outcome.ACK
+        except Refused as why:
+            log.info("run %s: refused new work (%s)", task.run_id, why)
+            return await self._after_refusal(workflow, ctx)
+        except Exception as e:
+            log.info("run %s: failed with %s: %s", task.run_id, type(e).__name__, e)
+            await self._send("fail_run", {"run_id": task.run_id, "error": error_of(e)})
+            return await self._finish_compensating(workflow, ctx)
+        await self._send("complete_run", {"run_id": task.run_id, "output": encode(output)})
+        log.info("run %s: completed", task.run_id)
+        return Outcome.ACK
+
+    async def _call(self, workflow: Workflow, ctx: RunContext, run: dict[str, Any]) -> Any:
+        fn: Any = workflow.fn
+        if len(inspect.signature(fn).parameters) < 2:
+            return await fn(ctx)
+        return await fn(ctx, decode_input(run["input"], workflow.input_type))
+
+    async def _after_refusal(self, workflow: Workflow, ctx: RunContext) -> Outcome:
+        run = await ctx.reload()
+        if run["status"] == "compensating":
+            return await self._run_compensations(ctx, run)
+        if run["status"] not in ENDED:
+            log.warning("run %s is %s but refused new work", ctx.run_id, run["status"])
+        return Outcome.ACK
+
+    async def _finish_compensating(self, workflow: Workflow, ctx: RunContext) -> Outcome:
+        run = await ctx.reload()
+        if run["status"] == "compensating":
+            return await self._run_compensations(ctx, run)
+        return Outcome.ACK
+
+    async def _compensate(self, workflow: Workflow, run: dict[str, Any]) -> Outcome:
+        """A run already compensating: replay only to learn its compensations, then run them."""
+        ctx = RunContext(run, self._send, replay_only=True)
+        try:
+            try:
+                await self._call(workflow, ctx, run)
+            finally:
+                await ctx.settled()
+        except (Exception, Suspended, Refused):
+            pass  # only the compensations it registered matter
+        return await self._run_compensations(ctx, run)
+
+    async def _run_compensations(self, ctx: RunContext, run: dict[str, Any]) -> Outcome:
+        """Undo the completed compensable steps, latest first, each recorded once."""
+        for step in run["compensations_pending"]:
+            compensation = ctx.compensations.get(step)
+            if compensation is None:
+                log.error("run %s: no compensation registered for step %r", ctx.run_id, step)
+                return Outcome.ACK
+            log.info("run %s: compensating step %r", ctx.run_id, step)
+            result = compensation.fn(compensation.output)
+            if inspect.isawaitable(result):
+                await result
+            await self._send("compensate_step", {"run_id": ctx.run_id, "step": step})
+        return Outcome.ACK
+
+    async def _load(self, run_id: str) -> dict[str, Any]:
+        reply = await self._send("load_run", {"run_id": run_id})
+        run: dict[str, Any] = reply["run"]
+        return run
+
+    async def _send(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self._transport is not None
+        return await self._transport.command(name, body)

@@ -1,0 +1,231 @@
+"""The SDK without NATS: registration, and RunContext's replay decisions over a snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from domain.errors import InvalidStateError, RunNotFoundError
+from ledgerflow import Flow, NonRetryableError, RetryPolicy, RunContext, StepFailedError
+from ledgerflow.context import Superseded, Suspended
+from ledgerflow.errors import CommandError, error_for
+from ledgerflow.flow import workflow_name
+
+RUN_ID = "00000000-0000-0000-0000-000000000001"
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Money(BaseModel):
+    cents: int
+
+
+class FakeCommands:
+    """Records the commands a context sends; answers each from a canned reply or error."""
+
+    def __init__(self, run: dict[str, Any] | None = None) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.refuse: dict[str, Exception] = {}
+        self.run = run
+
+    async def __call__(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.sent.append((name, body))
+        if name in self.refuse:
+            raise self.refuse[name]
+        if name == "load_run":
+            return {"ok": True, "run": self.run}
+        return {"ok": True, "position": len(self.sent), "event_id": "e1"}
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.sent]
+
+
+def snapshot(**parts: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "run_id": RUN_ID,
+        "workflow": "wf",
+        "status": "running",
+        "dispatch": 1,
+        "steps": {},
+        "sleeps": {},
+        "waits": {},
+        "children": {},
+        "sent_events": {},
+    }
+    return {**base, **parts}
+
+
+def step_state(status: str, attempts: int = 1, **more: Any) -> dict[str, Any]:
+    return {"status": status, "attempts": attempts, "output": None, "error": None, **more}
+
+
+def context(run: dict[str, Any], fake: FakeCommands, **options: Any) -> RunContext:
+    return RunContext(run, fake, 1, now=lambda: NOW, **options)
+
+
+def charge() -> Money:
+    raise AssertionError("a memoised step must not run")
+
+
+# ------------------------------------------------------------------------ registration
+def test_the_decorator_records_the_workflow_definition() -> None:
+    flow = Flow("shop")
+
+    @flow.workflow(triggers=["order.placed"], retry=RetryPolicy(max_attempts=5), concurrency=2)
+    async def fulfil(ctx: RunContext, order: Money) -> Money:
+        return order
+
+    @flow.workflow(name="other", timeout=timedelta(minutes=1), queue="slow")
+    async def other(ctx: RunContext, n: int) -> int:
+        return n
+
+    definition = flow["fulfil"]
+    assert definition.fn is fulfil and workflow_name(fulfil) == "fulfil"
+    assert definition.input_type is Money and definition.output_type is Money
+    body = definition.registration("w1")
+    assert body["triggers"] == ["order.placed"] and body["worker_id"] == "w1"
+    assert body["retry_policy"]["max_attempts"] == 5
+    assert body["concurrency"]["limit"] == 2
+    assert flow["other"].registration()["timeouts"]["run"] == 60.0
+    assert flow.queues == ["default", "slow"]
+
+
+def test_a_workflow_must_be_async_and_registered_once() -> None:
+    flow = Flow("shop")
+    with pytest.raises(TypeError):
+        flow.workflow()(lambda ctx, x: x)
+
+    async def wf(ctx: RunContext, x: int) -> int:
+        return x
+
+    flow.workflow()(wf)
+    with pytest.raises(ValueError):
+        flow.workflow()(wf)
+
+
+# ------------------------------------------------------------------------------ replay
+def test_a_completed_step_returns_its_recorded_output_without_running() -> None:
+    fake = FakeCommands()
+    run = snapshot(steps={"charge": step_state("completed", output={"cents": 5})})
+    ctx = context(run, fake)
+    assert asyncio.run(ctx.step("charge", charge)) == Money(cents=5)
+    assert fake.sent == []
+
+
+def test_a_new_step_is_started_with_the_dispatch_then_completed() -> None:
+    fake = FakeCommands()
+    ctx = context(snapshot(), fake)
+
+    async def pay(n: int) -> Money:
+        return Money(cents=n)
+
+    assert asyncio.run(ctx.step("pay", pay, 7, compensate=print)) == Money(cents=7)
+    assert fake.sent == [
+        ("start_step", {"run_id": RUN_ID, "step": "pay", "attempt": 1, "dispatch": 1}),
+        (
+            "complete_step",
+            {
+                "run_id": RUN_ID,
+                "step": "pay",
+                "attempt": 1,
+                "output": {"cents": 7},
+                "compensable": True,
+            },
+        ),
+    ]
+    assert ctx.compensations["pay"].output == Money(cents=7)
+
+
+def test_a_step_in_flight_when_its_worker_died_runs_its_next_attempt() -> None:
+    fake = FakeCommands()
+    ctx = context(snapshot(steps={"a": step_state("running", attempts=2)}), fake)
+    assert asyncio.run(ctx.step("a", lambda: 1)) == 1
+    assert fake.sent[0][1]["attempt"] == 3
+
+
+def test_a_failed_attempt_suspends_when_the_step_will_be_retried() -> None:
+    retrying = snapshot(steps={"a": step_state("retrying", retry_due_at=NOW.isoformat())})
+    fake = FakeCommands(run=retrying)
+    ctx = context(snapshot(), fake)
+
+    def boom() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(Suspended):
+        asyncio.run(ctx.step("a", boom))
+    assert fake.names == ["start_step", "fail_step", "load_run"]
+    assert fake.sent[1][1]["error"] == {"type": "ConnectionError", "message": "down"}
+    assert fake.sent[1][1]["retryable"] is True
+
+
+def test_a_non_retryable_error_fails_the_step_for_good() -> None:
+    failed = step_state("failed", error={"type": "NonRetryableError", "message": "no"})
+    fake = FakeCommands(run=snapshot(steps={"a": failed}))
+    ctx = context(snapshot(), fake)
+
+    def declined() -> None:
+        raise NonRetryableError("no")
+
+    with pytest.raises(StepFailedError) as error:
+        asyncio.run(ctx.step("a", declined))
+    assert fake.sent[1][1]["retryable"] is False
+    assert (error.value.type, error.value.message) == ("NonRetryableError", "no")
+
+
+def test_a_retrying_step_waits_until_due_and_then_runs() -> None:
+    later = (NOW + timedelta(minutes=5)).isoformat()
+    run = snapshot(steps={"a": step_state("retrying", retry_due_at=later)})
+    with pytest.raises(Suspended):
+        asyncio.run(context(run, FakeCommands()).step("a", lambda: 1))
+    fake = FakeCommands()
+    assert asyncio.run(context(run, fake, reason="retry").step("a", lambda: 1)) == 1
+    assert fake.sent[0][1]["attempt"] == 2
+
+
+def test_a_stale_hand_off_lets_go() -> None:
+    fake = FakeCommands()
+    fake.refuse["start_step"] = error_for("invalid_state", "run x was handed off again (...)")
+    with pytest.raises(Superseded):
+        asyncio.run(context(snapshot(), fake).step("a", lambda: 1))
+
+
+def test_sleeps_suspend_until_their_timer_fired() -> None:
+    fake = FakeCommands()
+    with pytest.raises(Suspended):
+        asyncio.run(context(snapshot(), fake).sleep("nap", timedelta(seconds=3)))
+    assert fake.sent == [("start_sleep", {"run_id": RUN_ID, "name": "nap", "seconds": 3.0})]
+    pending = snapshot(sleeps={"nap": {"fired": False}})
+    with pytest.raises(Suspended):
+        asyncio.run(context(pending, FakeCommands()).sleep("nap", timedelta(seconds=3)))
+    fired = snapshot(sleeps={"nap": {"fired": True}})
+    asyncio.run(context(fired, FakeCommands()).sleep("nap", timedelta(seconds=3)))
+
+
+def test_a_wait_returns_the_event_data_or_none_on_timeout() -> None:
+    received = snapshot(waits={"w": {"outcome": "received", "data": {"ok": 1}}})
+    timed_out = snapshot(waits={"w": {"outcome": "timed_out", "data": None}})
+    assert asyncio.run(context(received, FakeCommands()).wait_for_event("w", "e")) == {"ok": 1}
+    assert asyncio.run(context(timed_out, FakeCommands()).wait_for_event("w", "e")) is None
+
+
+def test_replay_only_records_nothing_new() -> None:
+    fake = FakeCommands()
+    with pytest.raises(Suspended):
+        asyncio.run(context(snapshot(), fake, replay_only=True).step("a", lambda: 1))
+    assert fake.sent == []
+
+
+def test_the_idempotency_key_is_the_run_and_the_step() -> None:
+    assert context(snapshot(), FakeCommands()).idempotency_key("pay") == f"{RUN_ID}:pay"
+
+
+def test_refusals_map_to_domain_errors_by_code() -> None:
+    not_found = error_for("run_not_found", "run x not found")
+    assert isinstance(not_found, RunNotFoundError) and not_found.code == "run_not_found"
+    assert isinstance(error_for("invalid_state", "no"), InvalidStateError)
+    other = error_for("unavailable", "down")
+    assert isinstance(other, CommandError) and other.code == "unavailable"
