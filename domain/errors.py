@@ -14,10 +14,16 @@ class DomainError(Exception):
     """
 
     code: ClassVar[str] = "invalid_state"
+    reason: str | None = None
+    """A finer, stable machine-readable reason within ``code`` (in the reply's details)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    @property
+    def details(self) -> list[dict[str, str]]:
+        return [{"reason": self.reason}] if self.reason else []
 
 
 class InvalidCommandError(DomainError, ValueError):
@@ -66,6 +72,8 @@ class AttemptMismatchError(InvalidStateError):
 class SupersededError(InvalidStateError):
     """A worker acts on an older hand-off of the run than the latest: it must let go."""
 
+    reason = "superseded"
+
     def __init__(self, run_id: UUID, dispatch: int, latest: int) -> None:
         super().__init__(
             f"run {run_id} was handed off again (dispatch {latest}); dispatch {dispatch} is stale"
@@ -74,6 +82,8 @@ class SupersededError(InvalidStateError):
 
 class RetriesExhaustedError(InvalidStateError):
     """The step has used every attempt its retry policy allows."""
+
+    reason = "retries_exhausted"
 
 
 class NotPendingError(InvalidStateError):

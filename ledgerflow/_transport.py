@@ -49,7 +49,11 @@ class Transport:
         reply: dict[str, Any] = json.loads(msg.data)
         if not reply.get("ok"):
             error = reply.get("error") or {}
-            raise error_for(str(error.get("code", "internal")), str(error.get("message", "")))
+            raise error_for(
+                str(error.get("code", "internal")),
+                str(error.get("message", "")),
+                error.get("details") or [],
+            )
         return reply
 
     async def close(self) -> None:

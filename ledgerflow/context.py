@@ -53,6 +53,10 @@ class Superseded(Interrupt):
 class Refused(Interrupt):
     """The run takes no new work any more (cancelled, compensating or ended)."""
 
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 @dataclass(frozen=True)
 class Compensation:
@@ -211,7 +215,7 @@ class RunContext:
         try:
             await self._command("start_step", **body)
         except Refused as refused:
-            if status == "running" and "has used all" in str(refused):
+            if status == "running" and refused.reason == "retries_exhausted":
                 # The last attempt was in flight when its worker died: it failed for good.
                 error = {"type": "WorkerLost", "message": "the worker died during the attempt"}
                 await self._command(
@@ -340,7 +344,7 @@ class RunContext:
         except InvalidStateError as e:
             if is_superseded(e):
                 raise Superseded(str(e)) from None
-            raise Refused(str(e)) from None
+            raise Refused(str(e), e.reason) from None
 
 
 def _step_failed(name: str, state: dict[str, Any]) -> StepFailedError:

@@ -61,16 +61,25 @@ _BY_CODE: dict[str, type[DomainError]] = {
 }
 
 
-def error_for(code: str, message: str) -> Exception:
+def error_for(code: str, message: str, details: list[Any] | None = None) -> Exception:
     """The exception a refused command raises: a DomainError subclass when there is one."""
     kind = _BY_CODE.get(code)
     if kind is None:
         return CommandError(code, message)
     error = kind.__new__(kind)
     DomainError.__init__(error, message)  # the subclasses' own constructors want ids
+    error.reason = reason_of(details or [])
     return error
+
+
+def reason_of(details: list[Any]) -> str | None:
+    """The stable reason a refusal's details carry (``superseded``, ``retries_exhausted``)."""
+    for detail in details:
+        if isinstance(detail, dict) and isinstance(detail.get("reason"), str):
+            return str(detail["reason"])
+    return None
 
 
 def is_superseded(error: Exception) -> bool:
     """A worker's hand-off is stale: the run was dispatched again (``SupersededError``)."""
-    return isinstance(error, InvalidStateError) and "handed off again" in str(error)
+    return isinstance(error, InvalidStateError) and error.reason == "superseded"

@@ -76,7 +76,7 @@ def parse_command(name: str, payload: bytes, max_bytes: int) -> c.Command:
 
 def reply_body(result: Result) -> dict[str, JSON]:
     if isinstance(result, DomainError):
-        return error_body(result.code, result.message)
+        return error_body(result.code, result.message, result.details)
     return result.to_json()
 
 

@@ -61,3 +61,19 @@ def test_loading_a_run_gives_the_state_a_worker_replays_from() -> None:
     charge = run["steps"]["charge"]
     assert (charge["status"], charge["output"], charge["attempts"]) == ("completed", {"id": 7}, 1)
     assert run["sleeps"]["nap"]["fired"] is False
+
+
+def test_a_stale_worker_is_told_why_in_a_stable_form() -> None:
+    from infrastructure.nats.command_service import reply_body
+
+    s = started().given(
+        c.DispatchRun(run_id=RUN, reason="started", cause=2),
+        c.DispatchRun(run_id=RUN, reason="handed off", cause=3),
+    )
+    [refused] = s.app.execute([c.StartStep(run_id=RUN, step="charge", attempt=1, dispatch=1)])
+    body = reply_body(refused)
+    assert body["error"] == {
+        "code": "invalid_state",
+        "message": str(refused),
+        "details": [{"reason": "superseded"}],
+    }

@@ -188,7 +188,9 @@ def test_a_retrying_step_waits_until_due_and_then_runs() -> None:
 
 def test_a_stale_hand_off_lets_go() -> None:
     fake = FakeCommands()
-    fake.refuse["start_step"] = error_for("invalid_state", "run x was handed off again (...)")
+    fake.refuse["start_step"] = error_for(
+        "invalid_state", "run x was handed off again", [{"reason": "superseded"}]
+    )
     with pytest.raises(Superseded):
         asyncio.run(context(snapshot(), fake).step("a", lambda: 1))
 
