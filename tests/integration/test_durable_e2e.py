@@ -126,7 +126,7 @@ def test_a_run_retries_sleeps_waits_invokes_and_triggers_through_the_real_schedu
             run_id = str(await client.start("journey", {"id": "o-1"}))
 
             def charge_retrying(run: dict[str, Any]) -> bool:
-                return run["steps"].get("charge", {}).get("status") == "retrying"
+                return bool(run["steps"].get("charge", {}).get("status") == "retrying")
 
             await until_run(client, run_id, charge_retrying, "the charge's retry")
             clock.advance(timedelta(seconds=2))  # the retry becomes due
