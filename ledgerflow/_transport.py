@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from infrastructure.nats.names import Names
+from infrastructure.nats.names import HEADER_ORIGINATOR_ID, Names
 from infrastructure.nats.requests import request
 from infrastructure.nats.streams import StreamLimits, ensure_stream, tasks_config
 from ledgerflow.errors import CommandError, error_for
@@ -55,6 +57,31 @@ class Transport:
                 error.get("details") or [],
             )
         return reply
+
+    @contextlib.asynccontextmanager
+    async def run_ends(self, run_id: str) -> AsyncIterator[asyncio.Event]:
+        """An event set when the relay publishes the end of run ``run_id``.
+
+        The relay's JetStream publishes reach plain subscribers too, so a waiting client
+        hears of the end within a message's latency instead of a polling interval.
+        """
+        ended = asyncio.Event()
+
+        async def heard(msg: Msg) -> None:
+            if (msg.headers or {}).get(HEADER_ORIGINATOR_ID) == run_id:
+                ended.set()
+
+        subscriptions = [
+            await self.nc.subscribe(self.names.event_subject("WorkflowRun", kind), cb=heard)
+            for kind in ("RunCompleted", "RunFailed", "RunCancelled", "RunTimedOut")
+        ]
+        try:
+            await self.nc.flush()  # subscribed before the caller looks at the run
+            yield ended
+        finally:
+            for subscription in subscriptions:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
 
     async def close(self) -> None:
         if not self.nc.is_closed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 from types import TracebackType
@@ -15,8 +16,8 @@ from ledgerflow.errors import RunFailedError
 from ledgerflow.flow import workflow_name
 
 ENDED = frozenset({"completed", "failed", "cancelled"})
-POLL_START = 0.02
-POLL_MAX = 0.25
+RECHECK = 1.0
+"""Seconds between looks at a run whose end was not heard (a relay behind, or restarting)."""
 
 
 class Client:
@@ -80,20 +81,25 @@ class Client:
         return run
 
     async def result(self, run_id: str, timeout: float = 60.0) -> Any:
-        """Wait for the run to end: its output, or RunFailedError (TimeoutError at the end)."""
+        """Wait for the run to end: its output, or RunFailedError (TimeoutError at the end).
+
+        It listens for the run's end on the events stream and looks at the run whenever it
+        hears of it, and at least every RECHECK seconds in case the relay is behind.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        delay = POLL_START
-        while True:
-            run = await self.get(run_id)
-            if run["status"] == "completed":
-                return run["output"]
-            if run["status"] in ENDED:
-                raise RunFailedError(run_id, run["status"], run.get("error"))
-            if loop.time() + delay > deadline:
-                raise TimeoutError(f"run {run_id} is still {run['status']} after {timeout:g} s")
-            await asyncio.sleep(delay)  # polling with backoff until the run ends
-            delay = min(delay * 1.5, POLL_MAX)
+        async with self._transport.run_ends(run_id) as ended:
+            while True:
+                run = await self.get(run_id)
+                if run["status"] == "completed":
+                    return run["output"]
+                if run["status"] in ENDED:
+                    raise RunFailedError(run_id, run["status"], run.get("error"))
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError(f"run {run_id} is still {run['status']} after {timeout:g} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), min(left, RECHECK))
 
     async def command(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """Send any command by its wire name; its reply (refusals raise)."""
