@@ -25,8 +25,8 @@ down:  ## stop only what `make up` started
 db-init: install up  ## create the database and the event-store tables
 	$(BIN)/ledgerflow db init
 
-demo: db-init  ## start the service, drive an order run over NATS, read it over HTTP
-	$(BIN)/python examples/service_tour.py
+demo: install up  ## a workflow written with the SDK, run by a worker and the service
+	$(BIN)/python examples/workflow_tour.py
 
 serve: db-init  ## run every role (commands, relay, projections, api) until Ctrl-C
 	$(BIN)/ledgerflow serve

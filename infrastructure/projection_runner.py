@@ -178,7 +178,7 @@ class ProjectionBuilder:
                 await self._catch_up_if_behind()
         try:
             messages = await subscription.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats' own subclass, or the builtin one some fetch paths raise
             # Nothing in the stream for us: if the store has more, the relay is behind or
             # the stream was purged. The store is the truth: follow it.
             await self._catch_up_if_behind()

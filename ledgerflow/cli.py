@@ -266,10 +266,15 @@ def serve(
     )
     settings = _settings()
     roles = list(ROLES) if Role.ALL in role else list(dict.fromkeys(r.value for r in role))
+    from infrastructure.postgres.read_models import ReadModelsMissingError
+    from infrastructure.postgres.scheduler_schema import SchedulerTablesMissingError
+
     try:
         asyncio.run(serve_roles(settings, roles))
     except OSError as e:  # unreachable NATS or database, a port already in use
         _fail("unavailable", str(e), Exit.UNAVAILABLE)
+    except (ReadModelsMissingError, SchedulerTablesMissingError) as e:
+        _fail("unavailable", str(e), Exit.UNAVAILABLE, hint="`ledgerflow db init` creates them")
 
 
 @app.command()

@@ -23,6 +23,7 @@ from ledgerflow.context import (
     encode,
     error_of,
 )
+from ledgerflow.errors import CommandError
 from ledgerflow.flow import Flow, Workflow
 
 log = logging.getLogger("ledgerflow.worker")
@@ -65,6 +66,30 @@ class Worker:
         self.ready = asyncio.Event()
         """Set once the workflows are registered and the queues are being pulled."""
 
+    async def _register(self, transport: Transport, stop: asyncio.Event) -> bool:
+        """Register every workflow, waiting for the command service while it is not up.
+
+        A worker may well start before the service (a deploy, a restart): it waits,
+        saying so, instead of exiting. False when stopped before the service answered.
+        """
+        delay, said = 0.1, False
+        while not stop.is_set():
+            try:
+                for workflow in self.flow:
+                    body = workflow.registration(self.worker_id)
+                    await transport.command("register_workflow", body)
+                return True
+            except CommandError as e:
+                if e.code != "unavailable":
+                    raise
+                if not said:
+                    log.warning("waiting for the command service: %s", e.message)
+                    said = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                delay = min(delay * 2, 2.0)
+        return False
+
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; then hand back what is in hand and close."""
         transport = await Transport.connect(
@@ -74,8 +99,8 @@ class Worker:
         in_hand: set[asyncio.Task[None]] = set()
         queues: list[TaskQueue] = []
         try:
-            for workflow in self.flow:
-                await transport.command("register_workflow", workflow.registration(self.worker_id))
+            if not await self._register(transport, stop):
+                return
             for name in self.flow.queues:
                 queues.append(await TaskQueue.open(transport, name, self.ack_wait))
             log.info(
