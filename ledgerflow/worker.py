@@ -219,7 +219,7 @@ class Worker:
         except Exception as e:
             log.info("run %s: failed with %s: %s", task.run_id, type(e).__name__, e)
             await self._send("fail_run", {"run_id": task.run_id, "error": error_of(e)})
-            return await self._finish_compensating(workflow, ctx)
+            return Outcome.ACK  # any compensation is the next dispatch's (see _compensate)
         await self._send("complete_run", {"run_id": task.run_id, "output": encode(output)})
         log.info("run %s: completed", task.run_id)
         return Outcome.ACK
@@ -232,20 +232,18 @@ class Worker:
 
     async def _after_refusal(self, workflow: Workflow, ctx: RunContext) -> Outcome:
         run = await ctx.reload()
-        if run["status"] == "compensating":
-            return await self._run_compensations(ctx, run)
-        if run["status"] not in ENDED:
+        if run["status"] not in ENDED and run["status"] != "compensating":
             log.warning("run %s is %s but refused new work", ctx.run_id, run["status"])
-        return Outcome.ACK
-
-    async def _finish_compensating(self, workflow: Workflow, ctx: RunContext) -> Outcome:
-        run = await ctx.reload()
-        if run["status"] == "compensating":
-            return await self._run_compensations(ctx, run)
-        return Outcome.ACK
+        return Outcome.ACK  # any compensation is the next dispatch's (see _compensate)
 
     async def _compensate(self, workflow: Workflow, run: dict[str, Any]) -> Outcome:
-        """A run already compensating: replay only to learn its compensations, then run them."""
+        """A run already compensating: replay only to learn its compensations, then run them.
+
+        Only the task dispatched after compensation began (the scheduler dispatches on
+        CompensationStarted) gets here with the latest dispatch; the task that failed or
+        cancelled the run leaves it alone. So each compensation runs once, and again only
+        when its worker dies midway (a redelivery of this same task).
+        """
         ctx = RunContext(run, self._send, replay_only=True)
         try:
             try:

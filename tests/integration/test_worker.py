@@ -214,6 +214,8 @@ def test_a_failed_order_is_compensated_in_reverse_order(settings: Settings) -> N
     async def scenario() -> None:
         async with engine(settings, orders.flow) as scheduler:
             run_id = await scheduler.start("fulfil_order", order)
+            await scheduler.when(run_id, lambda r: r["status"] == "compensating", "compensation")
+            await scheduler.dispatch(run_id, "compensate")  # as on CompensationStarted
             with pytest.raises(RunFailedError):
                 await scheduler.client.result(run_id, DEADLINE)
             run = await scheduler.client.get(run_id)
