@@ -522,7 +522,16 @@ class Relay:
                 f"the last message of stream {self.names.events_stream} (sequence {last.seq}) "
                 f"has no {HEADER_POSITION} header: was it published by something else?"
             )
-        return _Cursor(position=int(value), seq=last.seq)
+        position = int(value)
+        store_head = await asyncio.to_thread(head, app)
+        if position > store_head:
+            # Publishing would wait for positions the store may never reach, silently.
+            raise RelayError(
+                f"stream {self.names.events_stream} is ahead of the event store (position "
+                f"{position} > head {store_head}): was the store reset, or is the subject "
+                "prefix shared with another store? Delete the stream or use another prefix"
+            )
+        return _Cursor(position=position, seq=last.seq)
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float) -> None:

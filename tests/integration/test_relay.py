@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from infrastructure.nats.connect import NatsUnavailableError, connect
 from infrastructure.nats.names import Names, traceparent
 from infrastructure.nats.relay import Relay
 from infrastructure.nats.streams import StreamLimits, ensure_streams
-from infrastructure.postgres.schema import PostgresParams
+from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.settings import Settings
 from projections.records import EventRecord
 from services import commands as c
@@ -701,3 +702,45 @@ def test_each_dispatch_becomes_one_worker_task_on_its_queue(
         assert all(t["reason"] == "started" and t["queue"] == "payments" for t in found)
 
     asyncio.run(scenario())
+
+
+def test_a_stream_ahead_of_its_store_is_reported_not_waited_on(
+    settings: Settings, app: WorkflowRuns, caplog: pytest.LogCaptureFixture
+) -> None:
+    names = Names(settings.subject_prefix)
+    start_runs(app, 5)
+
+    async def scenario() -> None:
+        nc = await connect(settings)
+        try:
+            js = nc.jetstream()
+            async with RelayTask(quick_relay(settings)) as relay_task:
+                await until(lambda: caught_up(js, names, app), "the runs", watch=relay_task.task)
+        finally:
+            await nc.close()
+        # The store is reset (a fresh database) but the stream is kept.
+        with isolated_store(settings) as fresh:
+            caplog.set_level(logging.WARNING, logger="ledgerflow.relay")
+            async with RelayTask(quick_relay(fresh)):
+
+                async def reported() -> bool:
+                    return "is ahead of the event store" in caplog.text
+
+                await until(reported, "the relay's complaint")
+
+    asyncio.run(scenario())
+
+
+@contextlib.contextmanager
+def isolated_store(settings: Settings) -> Iterator[Settings]:
+    """Another, empty store under the same subject prefix."""
+    params = PostgresParams.from_url(settings.database_url)
+    fresh = Settings(
+        database_url=params.url(f"ledgerflow_t_{uuid.uuid4().hex[:12]}"),
+        subject_prefix=settings.subject_prefix,
+    )
+    init_database(fresh)
+    try:
+        yield fresh
+    finally:
+        drop_database(fresh.database_url)
