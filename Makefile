@@ -35,6 +35,7 @@ bench: db-init  ## the benchmarks of docs/performance.md
 	$(BIN)/python -m benchmarks.commands --runs 5000
 	$(BIN)/python -m benchmarks.commands --runs 5000 --keyed
 	$(BIN)/python -m benchmarks.rebuild --events 100000
+	$(BIN)/python -m benchmarks.workflows --sequential 100 --runs 500
 
 fmt: install
 	$(BIN)/ruff format .
