@@ -54,7 +54,7 @@ test: install up  ## every test: unit, property, integration (real PostgreSQL an
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests: failing" >&2; exit 1; fi; exit $$rc
 
 test-unit: install  ## the fast tests only (no servers needed)
-	@$(BIN)/pytest tests/unit tests/property $(PYTEST_ARGS); rc=$$?; \
+	@$(BIN)/pytest tests/unit tests/property -m "not integration" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests: failing" >&2; exit 1; fi; exit $$rc
 
 check: lint typecheck test  ## lint, types and tests: green before every commit

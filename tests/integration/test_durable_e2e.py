@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import nats
 import pytest
 
 from domain.ids import run_id_for
-from infrastructure import scheduler_runner
-from infrastructure.bootstrap import bootstrap
-from infrastructure.nats import relay
-from infrastructure.nats.command_service import CommandService
-from infrastructure.nats.names import Names
 from infrastructure.settings import Settings
-from ledgerflow import Client, Flow, RetryPolicy, RunContext, Worker
+from ledgerflow import Flow, RetryPolicy, RunContext
 from services.clock import ManualClock
-from tests.support import waiting
+from tests.integration.durable_stack import DEADLINE, everything
 from tests.support.isolation import isolated
 
 pytestmark = pytest.mark.integration
 
-DEADLINE = 30.0
 flow = Flow("journeys")
 CALLS: Counter[str] = Counter()
 
@@ -67,54 +58,6 @@ def settings(postgres_server_url: str) -> Any:
         yield own
 
 
-@asynccontextmanager
-async def everything(settings: Settings, clock: ManualClock) -> AsyncIterator[Client]:
-    """Commands, relay, scheduler (on ``clock``) and a worker, in this process."""
-    stop = asyncio.Event()
-    store = await asyncio.to_thread(bootstrap, settings)
-    nc = await nats.connect(settings.nats_url)
-    service = CommandService(store, Names(settings.subject_prefix))
-    await service.start(nc)
-    worker = Worker(flow, settings, 4, ack_wait=5.0)
-    roles = [
-        asyncio.create_task(relay.run(settings, stop), name="relay"),
-        asyncio.create_task(scheduler_runner.run(settings, stop, clock=clock), name="scheduler"),
-        asyncio.create_task(worker.run(stop), name="worker"),
-    ]
-    client = await Client.connect(settings=settings)
-    try:
-        await waiting.until(_ready(worker, roles), "the worker", DEADLINE)
-        yield client
-    finally:
-        stop.set()
-        results = await asyncio.gather(*roles, return_exceptions=True)
-        await client.close()
-        await service.stop()
-        await nc.close()
-        await asyncio.to_thread(store.close)
-    assert [r for r in results if r is not None] == []
-
-
-def _ready(worker: Worker, roles: list[asyncio.Task[None]]) -> Callable[[], Any]:
-    async def ready() -> bool:
-        for role in roles:
-            if role.done():
-                role.result()
-                raise AssertionError(f"{role.get_name()} stopped")
-        return worker.ready.is_set()
-
-    return ready
-
-
-async def until_run(
-    client: Client, run_id: str, condition: Callable[[dict[str, Any]], bool], what: str
-) -> None:
-    async def holds() -> bool:
-        return bool(condition(await client.get(run_id)))
-
-    await waiting.until(holds, what, DEADLINE)
-
-
 def test_a_run_retries_sleeps_waits_invokes_and_triggers_through_the_real_scheduler(
     settings: Settings,
 ) -> None:
@@ -122,17 +65,18 @@ def test_a_run_retries_sleeps_waits_invokes_and_triggers_through_the_real_schedu
     clock = ManualClock(datetime.now(tz=UTC))
 
     async def scenario() -> None:
-        async with everything(settings, clock) as client:
+        async with everything(settings, clock, flow) as stack:
+            client = stack.client
             run_id = str(await client.start("journey", {"id": "o-1"}))
 
             def charge_retrying(run: dict[str, Any]) -> bool:
                 return bool(run["steps"].get("charge", {}).get("status") == "retrying")
 
-            await until_run(client, run_id, charge_retrying, "the charge's retry")
+            await stack.until_run(run_id, charge_retrying, "the charge's retry")
             clock.advance(timedelta(seconds=2))  # the retry becomes due
-            await until_run(client, run_id, lambda r: r["status"] == "sleeping", "the sleep")
+            await stack.until_run(run_id, lambda r: r["status"] == "sleeping", "the sleep")
             clock.advance(timedelta(minutes=11))  # the cool-off is over
-            await until_run(client, run_id, lambda r: "shipped" in r["waits"], "the wait")
+            await stack.until_run(run_id, lambda r: "shipped" in r["waits"], "the wait")
             await client.send_event("shipment.confirmed", {"order": "o-2", "carrier": "dhl"})
             await client.send_event("shipment.confirmed", {"order": "o-1", "carrier": "ups"})
             output = await client.result(run_id, timeout=DEADLINE)

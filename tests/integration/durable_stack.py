@@ -1,0 +1,106 @@
+"""The whole durable stack in one process: commands, relay, scheduler on a manual clock, worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import nats
+
+from infrastructure import scheduler_runner
+from infrastructure.bootstrap import bootstrap
+from infrastructure.nats import relay
+from infrastructure.nats.command_service import CommandService
+from infrastructure.nats.names import Names
+from infrastructure.settings import Settings
+from ledgerflow import Client, Flow, Worker
+from services.clock import ManualClock
+from services.workflow_runs import WorkflowRuns
+from tests.support import waiting
+
+DEADLINE = 30.0
+ENDED = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What a test drives: a client, the store (for histories) and the shared clock."""
+
+    client: Client
+    store: WorkflowRuns
+    clock: ManualClock
+
+    async def until_run(
+        self, run_id: str, condition: Callable[[dict[str, Any]], bool], what: str
+    ) -> dict[str, Any]:
+        """The run's snapshot once ``condition`` holds for it (fails after DEADLINE s)."""
+        seen: dict[str, Any] = {}
+
+        async def holds() -> bool:
+            seen.clear()
+            seen.update(await self.client.get(run_id))
+            return bool(condition(seen))
+
+        await waiting.until(holds, what, DEADLINE)
+        return seen
+
+    async def ended(self, run_id: str) -> dict[str, Any]:
+        return await self.until_run(run_id, lambda r: r["status"] in ENDED, "the run's end")
+
+    async def history(self, run_id: str) -> list[Any]:
+        """The run's domain events, as stored."""
+        return await asyncio.to_thread(lambda: list(self.store.events.get(UUID(run_id))))
+
+
+def kinds(events: list[Any], *, dispatches: bool = False) -> list[str]:
+    """Event type names; hand-offs (TaskDispatched) are left out unless asked for."""
+    names = [type(e).__name__ for e in events]
+    return names if dispatches else [n for n in names if n != "TaskDispatched"]
+
+
+@asynccontextmanager
+async def everything(settings: Settings, clock: ManualClock, flow: Flow) -> AsyncIterator[Stack]:
+    """Commands, relay, scheduler and a worker serving ``flow``, all in this process.
+
+    The command service and the scheduler read the same ``clock``, as every process reads
+    the one system clock in production: due times are set and checked on one time line,
+    so a test moves time instead of sleeping.
+    """
+    stop = asyncio.Event()
+    store = await asyncio.to_thread(bootstrap, settings, clock=clock)
+    nc = await nats.connect(settings.nats_url)
+    service = CommandService(store, Names(settings.subject_prefix))
+    await service.start(nc)
+    worker = Worker(flow, settings, 4, ack_wait=5.0)
+    roles = [
+        asyncio.create_task(relay.run(settings, stop), name="relay"),
+        asyncio.create_task(scheduler_runner.run(settings, stop, clock=clock), name="scheduler"),
+        asyncio.create_task(worker.run(stop), name="worker"),
+    ]
+    client = await Client.connect(settings=settings)
+    try:
+        await waiting.until(_ready(worker, roles), "the worker", DEADLINE)
+        yield Stack(client, store, clock)
+    finally:
+        stop.set()
+        results = await asyncio.gather(*roles, return_exceptions=True)
+        await client.close()
+        await service.stop()
+        await nc.close()
+        await asyncio.to_thread(store.close)
+    assert [r for r in results if r is not None] == []
+
+
+def _ready(worker: Worker, roles: list[asyncio.Task[None]]) -> Callable[[], Any]:
+    async def ready() -> bool:
+        for role in roles:
+            if role.done():
+                role.result()
+                raise AssertionError(f"{role.get_name()} stopped")
+        return worker.ready.is_set()
+
+    return ready
