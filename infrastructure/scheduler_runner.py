@@ -40,7 +40,16 @@ from projections.projection import in_order
 from projections.records import EventRecord
 from services import commands as c
 from services.clock import Clock, SystemClock
-from services.scheduler import Parent, Scheduler, Timer, TimerKind, Wait
+from services.scheduler import (
+    Limit,
+    Parent,
+    Scheduler,
+    Slot,
+    SlotState,
+    Timer,
+    TimerKind,
+    Wait,
+)
 from services.workflow_runs import WorkflowRuns
 
 log = logging.getLogger("ledgerflow.scheduler")
@@ -149,6 +158,72 @@ class PostgresSchedulerView:
             (event_name,),
         ).fetchall()
         return [str(r[0]) for r in rows]
+
+    def put_limit(self, type_id: UUID, workflow: str | None, limit: Limit | None) -> str | None:
+        max_runs = limit.limit if limit else None
+        key = limit.key if limit else None
+        if workflow is None:
+            row = self._run(
+                "UPDATE {limits} SET max_runs = %s, key_field = %s WHERE type_id = %s"
+                " RETURNING workflow",
+                (max_runs, key, type_id),
+            ).fetchone()
+            return str(row[0]) if row else None
+        self._run(
+            "INSERT INTO {limits} (type_id, workflow, max_runs, key_field) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (type_id)"
+            " DO UPDATE SET max_runs = excluded.max_runs, key_field = excluded.key_field",
+            (type_id, workflow, max_runs, key),
+        )
+        return workflow
+
+    def limit_of(self, workflow: str) -> Limit | None:
+        row = self._run(
+            "SELECT max_runs, key_field FROM {limits} WHERE workflow = %s ORDER BY type_id LIMIT 1",
+            (workflow,),
+        ).fetchone()
+        return Limit(int(row[0]), row[1]) if row and row[0] is not None else None
+
+    def slot_of(self, run_id: UUID) -> Slot | None:
+        row = self._run(
+            "SELECT run_id, workflow, key_value, state, since FROM {slots} WHERE run_id = %s",
+            (run_id,),
+        ).fetchone()
+        return _slot(row) if row else None
+
+    def put_slot(self, slot: Slot) -> None:
+        self._run(
+            "INSERT INTO {slots} (run_id, workflow, key_value, state, since)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (run_id) DO UPDATE SET"
+            " workflow = excluded.workflow, key_value = excluded.key_value,"
+            " state = excluded.state, since = excluded.since",
+            (slot.run_id, slot.workflow, slot.group, slot.state, slot.since),
+        )
+
+    def delete_slot(self, run_id: UUID) -> None:
+        self._run("DELETE FROM {slots} WHERE run_id = %s", (run_id,))
+
+    def held(self, workflow: str, group: str) -> int:
+        row = self._run(
+            "SELECT count(*) FROM {slots}"
+            " WHERE workflow = %s AND key_value = %s AND state = 'held'",
+            (workflow, group),
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def queued(self, workflow: str, group: str | None, limit: int) -> list[Slot]:
+        rows = self._run(
+            "SELECT run_id, workflow, key_value, state, since FROM {slots}"
+            " WHERE workflow = %s AND state = 'queued'"
+            " AND (%s::text IS NULL OR key_value = %s::text)"
+            " ORDER BY since, run_id LIMIT %s",
+            (workflow, group, group, limit),
+        ).fetchall()
+        return [_slot(r) for r in rows]
+
+
+def _slot(row: Sequence[Any]) -> Slot:
+    return Slot(row[0], row[1], row[2], cast(SlotState, row[3]), int(row[4]))
 
 
 # ------------------------------------------------------------ following the events

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -14,6 +15,7 @@ from projections.records import EventRecord
 from services import commands as c
 
 TimerKind = Literal["sleep", "retry", "wait", "run"]
+SlotState = Literal["held", "queued", "ended"]
 
 DISPATCH_REASONS: dict[str, str] = {
     "WorkflowRun.RunStarted": "start",
@@ -25,6 +27,15 @@ DISPATCH_REASONS: dict[str, str] = {
     "WorkflowRun.CompensationStarted": "compensate",
 }
 """The events that make a run movable, and the reason its hand-off gives."""
+
+RETRYABLE_ENDS = frozenset({"WorkflowRun.RunFailed", "WorkflowRun.RunTimedOut"})
+"""Ends after which an operator may retry the run."""
+
+GATED = frozenset({"WorkflowRun.RunStarted", "WorkflowRun.RunRetried"})
+"""Hand-offs a concurrency limit may hold back (their handlers decide the dispatch)."""
+
+RELEASED = "released"
+"""The reason of a held-back run's hand-off when a slot frees."""
 
 RUN_ENDS = frozenset(
     {
@@ -72,6 +83,46 @@ class Parent:
     step: str
 
 
+@dataclass(frozen=True)
+class Limit:
+    """A workflow's concurrency limit: at most ``limit`` slots per value of input ``key``."""
+
+    limit: int
+    key: str | None = None
+
+    @classmethod
+    def of(cls, definition: JSON) -> Limit | None:
+        """The limit a workflow definition sets (None: unlimited, or unreadable)."""
+        policy = definition.get("concurrency") if isinstance(definition, dict) else None
+        if not isinstance(policy, dict):
+            return None
+        limit, key = policy.get("limit"), policy.get("key")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+            return None
+        return cls(limit, key if isinstance(key, str) and key else None)
+
+    def group(self, data: dict[str, JSON]) -> str:
+        """The slot group of a run started with ``data``: the JSON of its key field's value
+        (a missing field, a non-object input or no key at all: ``null``)."""
+        if self.key is None:
+            return "null"
+        run_input = data.get("input")
+        value = run_input.get(self.key) if isinstance(run_input, dict) else None
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A run of a limited workflow: holding a slot, queued for one since position ``since``,
+    or ended (kept while a failed run may be retried)."""
+
+    run_id: UUID
+    workflow: str
+    group: str
+    state: SlotState
+    since: int
+
+
 class SchedulerView(Protocol):
     """The scheduler's tables: written and read inside the transaction of one batch."""
 
@@ -99,6 +150,28 @@ class SchedulerView(Protocol):
         ...
 
     def triggered_workflows(self, event_name: str) -> list[str]: ...
+
+    def put_limit(self, type_id: UUID, workflow: str | None, limit: Limit | None) -> str | None:
+        """Set the concurrency limit of the workflow ``type_id`` (named ``workflow``; None
+        keeps the name it was registered with); the workflow's name, if known."""
+        ...
+
+    def limit_of(self, workflow: str) -> Limit | None: ...
+
+    def slot_of(self, run_id: UUID) -> Slot | None: ...
+
+    def put_slot(self, slot: Slot) -> None: ...
+
+    def delete_slot(self, run_id: UUID) -> None: ...
+
+    def held(self, workflow: str, group: str) -> int:
+        """How many runs of ``workflow`` in ``group`` hold a slot."""
+        ...
+
+    def queued(self, workflow: str, group: str | None, limit: int) -> list[Slot]:
+        """The oldest ``limit`` queued runs of ``workflow`` (in ``group``, or any), by
+        ``since`` then run id."""
+        ...
 
 
 Handler = Callable[["Scheduler", EventRecord], list[c.Command]]
@@ -130,7 +203,7 @@ class Scheduler:
         if handler is not None:
             commands += handler(self, record)
         reason = DISPATCH_REASONS.get(record.qualified_type)
-        if reason is not None:
+        if reason is not None and record.qualified_type not in GATED:
             commands.append(
                 c.DispatchRun(run_id=record.originator_id, reason=reason, cause=record.position)
             )
@@ -150,7 +223,65 @@ class Scheduler:
         if isinstance(limit, int | float) and not isinstance(limit, bool):
             due_at = record.timestamp + timedelta(seconds=limit)
             self.view.put_timer(Timer(record.originator_id, "run", "", due_at))
+        dispatch = c.DispatchRun(run_id=record.originator_id, reason="start", cause=record.position)
+        workflow = data.get("workflow")
+        limit = self.view.limit_of(str(workflow)) if workflow is not None else None
+        if limit is None:
+            return [dispatch]
+        known = self.view.slot_of(record.originator_id)
+        if known is not None:  # a redelivered start: decided already
+            return [dispatch] if known.state == "held" else []
+        slot = Slot(record.originator_id, str(workflow), limit.group(data), "held", record.position)
+        return self._take(slot, limit, dispatch)
+
+    @_on("WorkflowRun.RunRetried")
+    def _run_retried(self, record: EventRecord) -> list[c.Command]:
+        dispatch = c.DispatchRun(
+            run_id=record.originator_id, reason="retried", cause=record.position
+        )
+        slot = self.view.slot_of(record.originator_id)
+        if slot is None:  # not a run of a limited workflow
+            return [dispatch]
+        if slot.state != "ended":  # a redelivered retry: decided already
+            return [dispatch] if slot.state == "held" else []
+        limit = self.view.limit_of(slot.workflow)
+        if limit is None:
+            self.view.delete_slot(slot.run_id)
+            return [dispatch]
+        return self._take(
+            Slot(slot.run_id, slot.workflow, slot.group, "held", record.position), limit, dispatch
+        )
+
+    def _take(self, slot: Slot, limit: Limit, dispatch: c.DispatchRun) -> list[c.Command]:
+        """Hold a slot and dispatch, or queue for one (the run stays ``queued``)."""
+        if self.view.held(slot.workflow, slot.group) < limit.limit:
+            self.view.put_slot(slot)
+            return [dispatch]
+        self.view.put_slot(Slot(slot.run_id, slot.workflow, slot.group, "queued", slot.since))
         return []
+
+    def _release(self, workflow: str, group: str | None, cause: int) -> list[c.Command]:
+        """Dispatch the oldest queued runs of ``workflow`` (in ``group``, or every group)
+        while slots are free, because of the event at position ``cause``."""
+        limit = self.view.limit_of(workflow)
+        commands: list[c.Command] = []
+        if group is None or limit is None:
+            waiting = self.view.queued(workflow, group, 1 << 30)
+            groups = sorted({slot.group for slot in waiting})
+        else:
+            groups = [group]
+        for each in groups:
+            free = 1 << 30 if limit is None else limit.limit - self.view.held(workflow, each)
+            if free <= 0:
+                continue
+            for slot in self.view.queued(workflow, each, free):
+                held = Slot(slot.run_id, slot.workflow, slot.group, "held", slot.since)
+                if limit is None:
+                    self.view.delete_slot(slot.run_id)
+                else:
+                    self.view.put_slot(held)
+                commands.append(c.DispatchRun(run_id=slot.run_id, reason=RELEASED, cause=cause))
+        return commands
 
     @_on("WorkflowRun.SleepStarted")
     def _sleep_started(self, record: EventRecord) -> list[c.Command]:
@@ -204,9 +335,19 @@ class Scheduler:
     def _run_ended(self, record: EventRecord) -> list[c.Command]:
         parent = self.view.parent_of(record.originator_id)
         self.view.end_run(record.originator_id)
-        if parent is None:
-            return []
-        return [c.ResolveChild(run_id=parent.run_id, name=parent.step)]
+        commands: list[c.Command] = []
+        if parent is not None:
+            commands.append(c.ResolveChild(run_id=parent.run_id, name=parent.step))
+        slot = self.view.slot_of(record.originator_id)
+        if slot is None or slot.state == "ended":  # unlimited, or released already
+            return commands
+        if record.qualified_type in RETRYABLE_ENDS:  # kept: a retry takes a slot again
+            self.view.put_slot(Slot(slot.run_id, slot.workflow, slot.group, "ended", slot.since))
+        else:
+            self.view.delete_slot(slot.run_id)
+        if slot.state == "held":
+            commands += self._release(slot.workflow, slot.group, record.position)
+        return commands
 
     # --------------------------------------------------------------------- router
     @_on("WorkflowType.Registered", "WorkflowType.DefinitionChanged")
@@ -216,7 +357,11 @@ class Scheduler:
         workflow = record.data.get("name")  # DefinitionChanged has none: keep the first
         name = str(workflow) if workflow is not None else None
         self.view.put_triggers(record.originator_id, name, _strings(triggers))
-        return []
+        workflow_name = self.view.put_limit(record.originator_id, name, Limit.of(definition))
+        if workflow_name is None:
+            return []
+        # A raised (or lifted) limit frees slots at once.
+        return self._release(workflow_name, None, record.position)
 
     @_on("InboundEvent.Received")
     def _event_received(self, record: EventRecord) -> list[c.Command]:
@@ -255,6 +400,8 @@ class MemorySchedulerView:
         self.waits: dict[tuple[UUID, str], Wait] = {}
         self.parents: dict[UUID, Parent] = {}
         self.triggers: dict[UUID, tuple[str, set[str]]] = {}
+        self.limits: dict[UUID, tuple[str, Limit | None]] = {}
+        self.slots: dict[UUID, Slot] = {}
 
     def put_timer(self, timer: Timer) -> None:
         self.timers[(timer.run_id, timer.kind, timer.name)] = timer
@@ -291,3 +438,41 @@ class MemorySchedulerView:
 
     def triggered_workflows(self, event_name: str) -> list[str]:
         return sorted(w for w, names in self.triggers.values() if event_name in names)
+
+    def put_limit(self, type_id: UUID, workflow: str | None, limit: Limit | None) -> str | None:
+        if workflow is None:
+            if type_id not in self.limits:
+                return None
+            workflow = self.limits[type_id][0]
+        self.limits[type_id] = (workflow, limit)
+        return workflow
+
+    def limit_of(self, workflow: str) -> Limit | None:
+        for name, limit in self.limits.values():
+            if name == workflow:
+                return limit
+        return None
+
+    def slot_of(self, run_id: UUID) -> Slot | None:
+        return self.slots.get(run_id)
+
+    def put_slot(self, slot: Slot) -> None:
+        self.slots[slot.run_id] = slot
+
+    def delete_slot(self, run_id: UUID) -> None:
+        self.slots.pop(run_id, None)
+
+    def held(self, workflow: str, group: str) -> int:
+        return sum(
+            1
+            for s in self.slots.values()
+            if s.workflow == workflow and s.group == group and s.state == "held"
+        )
+
+    def queued(self, workflow: str, group: str | None, limit: int) -> list[Slot]:
+        waiting = [
+            s
+            for s in self.slots.values()
+            if s.workflow == workflow and s.state == "queued" and group in (None, s.group)
+        ]
+        return sorted(waiting, key=lambda s: (s.since, str(s.run_id)))[:limit]

@@ -1,4 +1,5 @@
-"""The scheduler's tables (timers, waits, triggers, parent links) and its tracked position."""
+"""The scheduler's tables (timers, waits, triggers, parent links, concurrency limits and
+slots) and its tracked position."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ TIMERS = "ledgerflow_scheduler_timers"
 WAITS = "ledgerflow_scheduler_waits"
 TRIGGERS = "ledgerflow_scheduler_triggers"
 RUNS = "ledgerflow_scheduler_runs"
+LIMITS = "ledgerflow_scheduler_limits"
+SLOTS = "ledgerflow_scheduler_slots"
 POSITION = "ledgerflow_scheduler_position"
 NAME = "scheduler"
 """The scheduler's row in its position table (and the name of its durable consumer)."""
@@ -33,6 +36,17 @@ _DDL = (
     " type_id uuid NOT NULL PRIMARY KEY, workflow text NOT NULL, event_names text[] NOT NULL)",
     "CREATE TABLE IF NOT EXISTS {runs} ("
     " run_id uuid NOT NULL PRIMARY KEY, parent_run_id uuid NOT NULL, parent_step text NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS {limits} ("
+    " type_id uuid NOT NULL PRIMARY KEY, workflow text NOT NULL,"
+    " max_runs integer, key_field text)",
+    "CREATE INDEX IF NOT EXISTS {limits_workflow} ON {limits} (workflow)",
+    # One row per run of a limited workflow: holding a slot, queued for one (since the
+    # position of the event that queued it), or ended (a failed run, kept for a retry).
+    "CREATE TABLE IF NOT EXISTS {slots} ("
+    " run_id uuid NOT NULL PRIMARY KEY, workflow text NOT NULL, key_value text NOT NULL,"
+    " state text NOT NULL CHECK (state IN ('held', 'queued', 'ended')),"
+    " since bigint NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS {slots_group} ON {slots} (workflow, key_value, state, since)",
     "CREATE TABLE IF NOT EXISTS {position} ("
     " name text NOT NULL PRIMARY KEY, position bigint NOT NULL DEFAULT 0,"
     " updated_at timestamptz NOT NULL DEFAULT now())",
@@ -52,6 +66,10 @@ def identifiers(schema: str) -> dict[str, sql.Identifier]:
         "waits_event": sql.Identifier(f"{WAITS}_event"),
         "triggers": sql.Identifier(schema, TRIGGERS),
         "runs": sql.Identifier(schema, RUNS),
+        "limits": sql.Identifier(schema, LIMITS),
+        "limits_workflow": sql.Identifier(f"{LIMITS}_workflow"),
+        "slots": sql.Identifier(schema, SLOTS),
+        "slots_group": sql.Identifier(f"{SLOTS}_group"),
         "position": sql.Identifier(schema, POSITION),
     }
 

@@ -12,7 +12,7 @@ from uuid import UUID
 
 import pytest
 
-from domain.values import JSON, Timeouts
+from domain.values import JSON, Concurrency, Timeouts
 from infrastructure import scheduler_runner
 from infrastructure.bootstrap import bootstrap
 from infrastructure.event_log import read_after
@@ -332,5 +332,44 @@ def test_a_restarted_scheduler_misses_nothing(
             await quiet(settings, watch)
         assert dispatches(app, first) == ["start", "timer"]
         assert all(dispatches(app, run_id) == ["start"] for run_id in later)
+
+    asyncio.run(scenario())
+
+
+def slots(settings: Settings) -> dict[str, int]:
+    with connect(settings) as conn:
+        rows = conn.execute(
+            f"SELECT state, count(*) FROM {settings.db_schema}.{ss.SLOTS} GROUP BY state"
+        ).fetchall()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+def test_a_concurrency_limit_holds_runs_back_and_releases_them_with_two_schedulers(
+    settings: Settings, clock: ManualClock, app: WorkflowRuns
+) -> None:
+    async def scenario() -> None:
+        await send(app, c.RegisterWorkflow(name="limited", concurrency=Concurrency(limit=2)))
+        async with running(settings, clock, schedulers=2) as watch:
+            ids = [await start(app, "limited") for _ in range(4)]
+            for run_id in ids[:2]:
+                await has(app, run_id, "TaskDispatched", watch)
+            await quiet(settings, watch)
+            assert [dispatches(app, run_id) for run_id in ids] == [["start"], ["start"], [], []]
+            assert slots(settings) == {"held": 2, "queued": 2}
+
+            await send(app, c.CancelRun(run_id=ids[1]))
+            await has(app, ids[2], "TaskDispatched", watch)
+            await quiet(settings, watch)
+            assert dispatches(app, ids[2]) == ["released"] and dispatches(app, ids[3]) == []
+            cancelled = next(r for r in history(app, ids[1]) if r.type == "RunCancelled")
+            released = next(r for r in history(app, ids[2]) if r.type == "TaskDispatched")
+            assert released.data["cause"] == cancelled.position
+
+            for run_id in (ids[0], ids[2]):
+                await send(app, c.CancelRun(run_id=run_id))
+            await has(app, ids[3], "TaskDispatched", watch)
+            await quiet(settings, watch)
+        assert dispatches(app, ids[3]) == ["released"]
+        assert slots(settings) == {"held": 1}
 
     asyncio.run(scenario())

@@ -10,7 +10,7 @@ from domain.ids import run_id_for
 from domain.values import JSON
 from projections.records import EventRecord
 from services import commands as c
-from services.scheduler import MemorySchedulerView, Parent, Scheduler, Timer, Wait
+from services.scheduler import Limit, MemorySchedulerView, Parent, Scheduler, Slot, Timer, Wait
 from services.workflow_runs import RunStartedReply, WorkflowRuns
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -24,6 +24,7 @@ class Log:
         self.view = MemorySchedulerView()
         self.scheduler = Scheduler(self.view)
         self.position = 0
+        self.records: list[EventRecord] = []
 
     def given(
         self, kind: str, data: dict[str, JSON] | None = None, originator: UUID = RUN
@@ -40,6 +41,7 @@ class Log:
             timestamp=T0,
             data=data or {},
         )
+        self.records.append(record)
         return self.scheduler.process(record)
 
 
@@ -231,3 +233,124 @@ def test_triggering_an_unknown_workflow_or_event_is_refused() -> None:
     assert isinstance(unknown, UnknownWorkflowError)
     (missing,) = app.execute([c.TriggerRun(event_id=uuid4(), workflow="bill")])
     assert isinstance(missing, EventNotFoundError)
+
+
+# ------------------------------------------------------------------- concurrency limits
+LIMITED = UUID("00000000-0000-0000-0000-00000000000f")
+
+
+def limited(limit: int | None, key: str | None = None) -> Log:
+    """A log whose workflow ``flow`` has a concurrency limit (None: unlimited)."""
+    log = Log()
+    definition: dict[str, JSON] = {"concurrency": {"limit": limit, "key": key}}
+    log.given("WorkflowType.Registered", {"name": "flow", "definition": definition}, LIMITED)
+    return log
+
+
+def start(log: Log, run_id: UUID, run_input: JSON = None) -> list[c.Command]:
+    return log.given("RunStarted", {**run_started(), "input": run_input}, run_id)
+
+
+def dispatched(commands: list[c.Command]) -> list[tuple[UUID, str, int]]:
+    return [(d.run_id, d.reason, d.cause) for d in commands if isinstance(d, c.DispatchRun)]
+
+
+def runs(n: int) -> list[UUID]:
+    return [UUID(int=0xB00 + i) for i in range(n)]
+
+
+def test_a_limit_holds_back_runs_beyond_it_until_a_slot_frees() -> None:
+    log = limited(2)
+    one, two, three, four = runs(4)
+    assert dispatched(start(log, one)) == [(one, "start", 2)]
+    assert dispatched(start(log, two)) == [(two, "start", 3)]
+    assert start(log, three) == [] and start(log, four) == []  # held back: stay queued
+    assert log.view.slots[three] == Slot(three, "flow", "null", "queued", 4)
+    assert log.view.held("flow", "null") == 2
+
+    # The end of one run releases the oldest held-back run, by the position of the end.
+    assert dispatched(log.given("RunCompleted", {}, two)) == [(three, "released", 6)]
+    assert log.view.held("flow", "null") == 2
+    assert dispatched(log.given("RunCancelled", {"reason": None}, one)) == [(four, "released", 7)]
+    assert log.given("RunCompleted", {}, three) == []
+    assert log.given("RunCompleted", {}, four) == []
+    assert log.view.slots == {}
+
+
+def test_a_run_ended_while_queued_leaves_the_queue_and_frees_nothing() -> None:
+    log = limited(1)
+    one, two, three = runs(3)
+    start(log, one), start(log, two), start(log, three)
+    assert log.given("RunCancelled", {"reason": None}, two) == []
+    assert dispatched(log.given("RunCompleted", {}, one)) == [(three, "released", 6)]
+
+
+def test_limits_per_key_are_independent_and_a_missing_key_is_null() -> None:
+    log = limited(1, key="customer")
+    a1, a2, b1, n1, n2 = runs(5)
+    assert dispatched(start(log, a1, {"customer": "a"})) == [(a1, "start", 2)]
+    assert start(log, a2, {"customer": "a"}) == []
+    assert dispatched(start(log, b1, {"customer": "b"})) == [(b1, "start", 4)]
+    assert dispatched(start(log, n1, {"other": 1})) == [(n1, "start", 5)]
+    assert start(log, n2, "not an object") == []  # no field: the null group, full
+    assert log.view.slots[n2].group == "null"
+    # b's end frees b's slot: nothing of a's moves.
+    assert log.given("RunCompleted", {}, b1) == []
+    assert dispatched(log.given("RunCompleted", {}, a1)) == [(a2, "released", 8)]
+    assert dispatched(log.given("RunCompleted", {}, n1)) == [(n2, "released", 9)]
+
+
+def test_redelivered_starts_and_ends_are_idempotent() -> None:
+    log = limited(1)
+    one, two, three = runs(3)
+    start(log, one), start(log, two), start(log, three)
+    first, second, third = log.records[1:4]
+    # A redelivered start never takes a second slot, nor dispatches a queued run.
+    assert dispatched(log.scheduler.process(first)) == [(one, "start", 2)]
+    assert log.scheduler.process(second) == [] and log.scheduler.process(third) == []
+    assert log.view.held("flow", "null") == 1
+    assert dispatched(log.given("RunCompleted", {}, one)) == [(two, "released", 5)]
+    # Releasing twice is a no-op: three stays queued behind two.
+    assert log.scheduler.process(log.records[-1]) == []
+    assert log.given("RunCompleted", {}, one) == []
+    assert log.view.slots[three].state == "queued"
+    assert log.view.held("flow", "null") == 1
+
+
+def test_a_retried_failed_run_takes_a_slot_again_or_queues() -> None:
+    log = limited(1)
+    one, two = runs(2)
+    start(log, one)
+    log.given("RunFailed", {}, one)
+    assert log.view.slots[one].state == "ended"  # kept for a retry
+    start(log, two)
+    assert log.given("RunRetried", {}, one) == []  # two holds the only slot
+    assert dispatched(log.given("RunCompleted", {}, two)) == [(one, "released", 6)]
+    log.given("RunTimedOut", {}, one)
+    assert dispatched(log.given("RunRetried", {}, one)) == [(one, "retried", 8)]
+    assert log.view.held("flow", "null") == 1
+
+
+def test_workflows_without_a_limit_are_unaffected() -> None:
+    log = limited(None)
+    one, two, three = runs(3)
+    for run_id in (one, two, three):
+        assert len(dispatched(start(log, run_id))) == 1
+    assert log.view.slots == {}
+    assert log.given("RunFailed", {}, one) == []
+    assert dispatched(log.given("RunRetried", {}, one)) == [(one, "retried", 6)]
+
+
+def test_raising_the_limit_releases_queued_runs_at_once() -> None:
+    log = limited(1)
+    one, two, three = runs(3)
+    start(log, one), start(log, two), start(log, three)
+    changed: dict[str, JSON] = {"definition": {"concurrency": {"limit": 2, "key": None}}}
+    assert dispatched(log.given("WorkflowType.DefinitionChanged", changed, LIMITED)) == [
+        (two, "released", 5)
+    ]
+    lifted: dict[str, JSON] = {"definition": {"concurrency": {"limit": None, "key": None}}}
+    assert dispatched(log.given("WorkflowType.DefinitionChanged", lifted, LIMITED)) == [
+        (three, "released", 6)
+    ]
+    assert Limit.of({"concurrency": {"limit": 0}}) is None
