@@ -86,6 +86,61 @@ def decode_input(value: Any, annotation: Any) -> Any:
     return TypeAdapter(annotation).validate_python(value)
 
 
+class StepTimeout(Exception):  # noqa: N818 - its name is the recorded error type
+    """An attempt ran longer than its step timeout (recorded as error type ``StepTimeout``)."""
+
+    def __init__(self, step: str, seconds: float) -> None:
+        super().__init__(f"step {step!r} took longer than {seconds:g} s")
+        self.step = step
+        self.seconds = seconds
+
+
+def step_timeout(own: timedelta | None, snapshot: dict[str, Any]) -> float | None:
+    """Seconds an attempt may take: the step's own timeout, else the workflow's, else None."""
+    if own is not None:
+        seconds = own.total_seconds()
+        if seconds <= 0:
+            raise ValueError("a step timeout must be above 0")
+        return seconds
+    timeouts = snapshot.get("timeouts") or {}
+    default = timeouts.get("step")
+    return float(default) if default is not None else None
+
+
+async def _attempt(
+    name: str, fn: Callable[..., Any], args: tuple[Any, ...], limit: float | None
+) -> Any:
+    """One attempt of a step; StepTimeout when it takes longer than ``limit`` seconds."""
+    if limit is None:
+        value = fn(*args)
+        return await value if inspect.isawaitable(value) else value
+    if inspect.iscoroutinefunction(fn):
+        return await _bounded(name, fn(*args), limit)
+    # Python cannot kill a thread: on timeout the function keeps running there.
+    value = await _bounded(name, asyncio.to_thread(fn, *args), limit)
+    if inspect.isawaitable(value):  # a sync callable that returned an awaitable
+        value = await _bounded(name, value, limit)
+    return value
+
+
+async def _bounded(name: str, awaitable: Awaitable[Any], limit: float) -> Any:
+    """``awaitable``'s result, or StepTimeout (after cancelling it) past ``limit`` seconds.
+
+    Not ``asyncio.wait_for``: a TimeoutError the step itself raises stays its own failure.
+    """
+    work = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({work}, timeout=limit)
+    except BaseException:  # this replay itself was cancelled
+        work.cancel()
+        raise
+    if work not in done:
+        work.cancel()  # an async fn is cancelled; a thread is only no longer awaited
+        await asyncio.wait({work})
+        raise StepTimeout(name, limit)
+    return work.result()
+
+
 def error_of(exc: BaseException) -> dict[str, str]:
     return {"type": type(exc).__name__, "message": str(exc)[:MAX_ERROR_MESSAGE]}
 
@@ -136,6 +191,7 @@ class RunContext:
         *args: Any,
         retry: RetryPolicy | None = None,
         compensate: Callable[[T], Any] | None = None,
+        timeout: timedelta | None = None,
     ) -> T: ...
 
     @overload
@@ -146,6 +202,7 @@ class RunContext:
         *args: Any,
         retry: RetryPolicy | None = None,
         compensate: Callable[[T], Any] | None = None,
+        timeout: timedelta | None = None,
     ) -> T: ...
 
     async def step(
@@ -155,12 +212,23 @@ class RunContext:
         *args: Any,
         retry: RetryPolicy | None = None,
         compensate: Callable[[Any], Any] | None = None,
+        timeout: timedelta | None = None,
     ) -> Any:
-        """Run ``fn(*args)`` once for good: a completed step returns its recorded output."""
+        """Run ``fn(*args)`` once for good: a completed step returns its recorded output.
+
+        ``timeout`` bounds each attempt (else the workflow's ``step_timeout``, if any). An
+        attempt that takes longer is abandoned and recorded as failed with a ``StepTimeout``
+        error, which the retry policy retries like any other failure. An async ``fn`` is
+        cancelled. A sync ``fn`` with a timeout runs in a thread, and Python cannot kill a
+        thread: the worker only stops waiting for it, so it keeps running in the background
+        and may still have its effects after the attempt was recorded as failed (and while
+        the next attempt runs). Make such functions idempotent, e.g. with
+        :meth:`idempotency_key`. Without a timeout a sync ``fn`` runs inline, as before.
+        """
         self._inflight += 1
         self._idle.clear()
         try:
-            return await self._step(name, fn, args, retry, compensate)
+            return await self._step(name, fn, args, retry, compensate, timeout)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -173,6 +241,7 @@ class RunContext:
         args: tuple[Any, ...],
         retry: RetryPolicy | None,
         compensate: Callable[[Any], Any] | None,
+        timeout: timedelta | None = None,
     ) -> Any:
         returns = type_hints(fn).get("return")
         state = self.snapshot["steps"].get(name)
@@ -188,11 +257,10 @@ class RunContext:
             raise Suspended(f"step {name!r} waits for its retry")
         self._check_may_start()
         attempt = (state["attempts"] if state else 0) + 1
+        limit = step_timeout(timeout, self.snapshot)
         await self._start_step(name, attempt, retry, status)
         try:
-            value = fn(*args)
-            if inspect.isawaitable(value):
-                value = await value
+            value = await _attempt(name, fn, args, limit)
         except Exception as e:
             return await self._failed(name, attempt, e, returns)
         output = encode(value)

@@ -31,6 +31,8 @@ class Workflow:
     timeout: timedelta | None = None
     concurrency: Concurrency | None = None
     queue: str = "default"
+    step_timeout: timedelta | None = None
+    """Each step attempt's default time limit (a step's own ``timeout`` overrides it)."""
 
     @property
     def input_type(self) -> Any:
@@ -49,8 +51,10 @@ class Workflow:
         body: dict[str, Any] = {"name": self.name, "triggers": self.triggers, "queue": self.queue}
         if self.retry is not None:
             body["retry_policy"] = self.retry.to_json()
-        if self.timeout is not None:
-            body["timeouts"] = Timeouts(run=self.timeout.total_seconds()).to_json()
+        if self.timeout is not None or self.step_timeout is not None:
+            body["timeouts"] = Timeouts(
+                run=_seconds(self.timeout), step=_seconds(self.step_timeout)
+            ).to_json()
         if self.concurrency is not None:
             body["concurrency"] = self.concurrency.to_json()
         if worker_id is not None:
@@ -74,8 +78,13 @@ class Flow:
         timeout: timedelta | None = None,
         concurrency: int | Concurrency | None = None,
         queue: str = "default",
+        step_timeout: timedelta | None = None,
     ) -> Callable[[F], F]:
-        """Register ``async def wf(ctx: RunContext, input: T) -> R`` under ``name``."""
+        """Register ``async def wf(ctx: RunContext, input: T) -> R`` under ``name``.
+
+        ``timeout`` limits the whole run; ``step_timeout`` each step attempt that sets no
+        ``timeout`` of its own (see ``RunContext.step``).
+        """
 
         def register(fn: F) -> F:
             is_async = inspect.iscoroutinefunction(fn)
@@ -86,7 +95,7 @@ class Flow:
                 raise ValueError(f"workflow {wf_name!r} is registered twice in flow {self.name}")
             limit = Concurrency(limit=concurrency) if isinstance(concurrency, int) else concurrency
             self._workflows[wf_name] = Workflow(
-                wf_name, fn, list(triggers or []), retry, timeout, limit, queue
+                wf_name, fn, list(triggers or []), retry, timeout, limit, queue, step_timeout
             )
             setattr(fn, WORKFLOW_NAME_ATTRIBUTE, wf_name)
             return fn
@@ -108,6 +117,10 @@ class Flow:
     @property
     def queues(self) -> list[str]:
         return sorted({w.queue for w in self._workflows.values()})
+
+
+def _seconds(limit: timedelta | None) -> float | None:
+    return None if limit is None else limit.total_seconds()
 
 
 def workflow_name(workflow: str | Callable[..., Any]) -> str:

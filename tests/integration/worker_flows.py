@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +80,42 @@ async def crash(ctx: RunContext, input: dict[str, str]) -> int:
     for i in range(CRASH_STEPS):
         total += await ctx.step(f"step-{i}", work, i)
     return total
+
+
+STEP_TIMEOUT = timedelta(seconds=0.5)
+
+
+@flow.workflow(
+    name="timely",
+    step_timeout=STEP_TIMEOUT,
+    retry=RetryPolicy(max_attempts=3, initial_interval=1, max_interval=1),
+)
+async def timely(ctx: RunContext, input: dict[str, str]) -> str:
+    async def fetch() -> str:
+        _append(input["log"], "attempt")
+        if len(_lines(input["log"])) == 1:  # the first attempt hangs past the step timeout
+            try:
+                await asyncio.sleep(60)  # the step's (too slow) work
+            except asyncio.CancelledError:
+                _append(input["log"], "cancelled")
+                raise
+        return "fetched"
+
+    return await ctx.step("fetch", fetch)
+
+
+@flow.workflow(name="handback")
+async def handback(ctx: RunContext, input: dict[str, str]) -> list[str]:
+    """A step that works until the test opens its gate (a FIFO), then one more step."""
+
+    async def slow() -> str:
+        _append(input["log"], f"start slow {os.getpid()}")
+        await asyncio.to_thread(Path(input["gate"]).read_text)  # blocks until the gate opens
+        _append(input["log"], f"done slow {os.getpid()}")
+        return f"slow {os.getpid()}"
+
+    def after() -> str:
+        _append(input["log"], f"after {os.getpid()}")
+        return f"after {os.getpid()}"
+
+    return [await ctx.step("slow", slow), await ctx.step("after", after)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,7 +12,7 @@ from pydantic import BaseModel
 
 from domain.errors import InvalidStateError, RunNotFoundError
 from ledgerflow import Flow, NonRetryableError, RetryPolicy, RunContext, StepFailedError
-from ledgerflow.context import Superseded, Suspended
+from ledgerflow.context import Superseded, Suspended, step_timeout
 from ledgerflow.errors import CommandError, error_for
 from ledgerflow.flow import workflow_name
 
@@ -91,7 +92,22 @@ def test_the_decorator_records_the_workflow_definition() -> None:
     assert body["retry_policy"]["max_attempts"] == 5
     assert body["concurrency"]["limit"] == 2
     assert flow["other"].registration()["timeouts"]["run"] == 60.0
+    assert "timeouts" not in body
     assert flow.queues == ["default", "slow"]
+
+
+def test_the_decorator_sends_a_default_step_timeout() -> None:
+    flow = Flow("shop")
+
+    @flow.workflow(step_timeout=timedelta(seconds=90))
+    async def patient(ctx: RunContext) -> None:
+        return None
+
+    assert flow["patient"].registration()["timeouts"] == {
+        "run": None,
+        "step": 90.0,
+        "heartbeat": None,
+    }
 
 
 def test_a_workflow_must_be_async_and_registered_once() -> None:
@@ -231,3 +247,86 @@ def test_refusals_map_to_domain_errors_by_code() -> None:
     assert isinstance(error_for("invalid_state", "no"), InvalidStateError)
     other = error_for("unavailable", "down")
     assert isinstance(other, CommandError) and other.code == "unavailable"
+
+
+# ------------------------------------------------------------------------ step timeouts
+def test_the_steps_own_timeout_wins_over_the_workflows_default() -> None:
+    defaults = snapshot(timeouts={"run": None, "step": 30.0, "heartbeat": None})
+    assert step_timeout(timedelta(seconds=2), defaults) == 2.0
+    assert step_timeout(None, defaults) == 30.0
+    assert step_timeout(None, snapshot(timeouts={"run": 60.0, "step": None})) is None
+    assert step_timeout(None, snapshot()) is None
+    with pytest.raises(ValueError):
+        step_timeout(timedelta(0), defaults)
+
+
+def _retrying() -> dict[str, Any]:
+    return snapshot(steps={"slow": step_state("retrying", retry_due_at=NOW.isoformat())})
+
+
+def test_an_async_attempt_past_its_timeout_is_cancelled_and_fails_with_step_timeout() -> None:
+    fake = FakeCommands(run=_retrying())
+    ctx = context(snapshot(), fake)
+    cancelled: list[bool] = []
+
+    async def forever() -> str:
+        try:
+            await asyncio.Event().wait()  # never set: only the timeout ends it
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return "never"
+
+    with pytest.raises(Suspended):
+        asyncio.run(ctx.step("slow", forever, timeout=timedelta(milliseconds=20)))
+    assert cancelled == [True]
+    assert fake.names == ["start_step", "fail_step", "load_run"]
+    failed = fake.sent[1][1]
+    assert failed["error"] == {
+        "type": "StepTimeout",
+        "message": "step 'slow' took longer than 0.02 s",
+    }
+    assert failed["retryable"] is True and failed["attempt"] == 1
+
+
+def test_a_sync_attempt_past_the_workflows_step_timeout_is_no_longer_awaited() -> None:
+    fake = FakeCommands(run=_retrying())
+    run = snapshot(timeouts={"run": None, "step": 0.02, "heartbeat": None})
+    release = threading.Event()
+    finished: list[str] = []
+
+    def stuck() -> str:
+        release.wait(10)  # runs on in its thread after the attempt was given up
+        finished.append("late")
+        return "late"
+
+    async def attempt() -> None:
+        try:
+            await context(run, fake).step("slow", stuck)
+        finally:
+            release.set()  # so that asyncio.run's executor shutdown does not wait 10 s
+
+    with pytest.raises(Suspended):
+        asyncio.run(attempt())
+    assert finished == ["late"]  # it did run on: threads cannot be stopped
+    assert fake.sent[1][1]["error"]["type"] == "StepTimeout"
+
+
+def test_an_attempt_within_its_timeout_completes_and_its_own_timeout_error_is_its_own() -> None:
+    fake = FakeCommands(run=_retrying())
+    ctx = context(snapshot(), fake)
+
+    async def quick() -> int:
+        return 7
+
+    def raises_timeout() -> int:
+        raise TimeoutError("the bank did not answer")
+
+    assert asyncio.run(ctx.step("quick", quick, timeout=timedelta(seconds=5))) == 7
+    assert fake.names == ["start_step", "complete_step"]
+    with pytest.raises(Suspended):
+        asyncio.run(ctx.step("slow", raises_timeout, timeout=timedelta(seconds=5)))
+    assert fake.sent[3][1]["error"] == {
+        "type": "TimeoutError",
+        "message": "the bank did not answer",
+    }
