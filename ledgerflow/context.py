@@ -110,17 +110,23 @@ def step_timeout(own: timedelta | None, snapshot: dict[str, Any]) -> float | Non
 async def _attempt(
     name: str, fn: Callable[..., Any], args: tuple[Any, ...], limit: float | None
 ) -> Any:
-    """One attempt of a step; StepTimeout when it takes longer than ``limit`` seconds."""
-    if limit is None:
-        value = fn(*args)
-        return await value if inspect.isawaitable(value) else value
+    """One attempt of a step; StepTimeout when it takes longer than ``limit`` seconds.
+
+    A sync function always runs in a thread, so the event loop keeps heartbeating the
+    task however long the step takes (a blocked loop would lose the task, and another
+    worker would run the step a second time while this one still runs it).
+    """
     if inspect.iscoroutinefunction(fn):
-        return await _bounded(name, fn(*args), limit)
+        return await _within(name, fn(*args), limit)
     # Python cannot kill a thread: on timeout the function keeps running there.
-    value = await _bounded(name, asyncio.to_thread(fn, *args), limit)
+    value = await _within(name, asyncio.to_thread(fn, *args), limit)
     if inspect.isawaitable(value):  # a sync callable that returned an awaitable
-        value = await _bounded(name, value, limit)
+        value = await _within(name, value, limit)
     return value
+
+
+async def _within(name: str, awaitable: Awaitable[Any], limit: float | None) -> Any:
+    return await (awaitable if limit is None else _bounded(name, awaitable, limit))
 
 
 async def _bounded(name: str, awaitable: Awaitable[Any], limit: float) -> Any:

@@ -63,7 +63,9 @@ def kinds(events: list[Any], *, dispatches: bool = False) -> list[str]:
 
 
 @asynccontextmanager
-async def everything(settings: Settings, clock: ManualClock, flow: Flow) -> AsyncIterator[Stack]:
+async def everything(
+    settings: Settings, clock: ManualClock, flow: Flow, ack_wait: float = 5.0
+) -> AsyncIterator[Stack]:
     """Commands, relay, scheduler and a worker serving ``flow``, all in this process.
 
     The command service and the scheduler read the same ``clock``, as every process reads
@@ -75,7 +77,7 @@ async def everything(settings: Settings, clock: ManualClock, flow: Flow) -> Asyn
     nc = await nats.connect(settings.nats_url)
     service = CommandService(store, Names(settings.subject_prefix))
     await service.start(nc)
-    worker = Worker(flow, settings, 4, ack_wait=5.0)
+    worker = Worker(flow, settings, 4, ack_wait=ack_wait)
     roles = [
         asyncio.create_task(relay.run(settings, stop), name="relay"),
         asyncio.create_task(scheduler_runner.run(settings, stop, clock=clock), name="scheduler"),

@@ -171,3 +171,57 @@ def test_a_stopped_worker_finishes_its_step_and_hands_the_run_back_at_once(
         f"after {second_pid}": 1,
     }
     assert "handing back 1 run(s)" in (tmp_path / "first.log").read_text()
+
+
+# -------------------------------------------------------------- heartbeats of sync steps
+def test_a_sync_step_longer_than_the_ack_deadline_keeps_its_task_and_runs_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Two workers with a 1 s ack deadline and a sync step of 2.5 s: were the step to
+    block the event loop, its task would miss its heartbeats, be redelivered to the other
+    worker, and the step would run twice."""
+    log = tmp_path / "effects"
+    env = {
+        **os.environ,
+        "LEDGERFLOW_DATABASE_URL": settings.database_url,
+        "LEDGERFLOW_NATS_URL": settings.nats_url,
+        "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
+    }
+    command = [sys.executable, "-m", "ledgerflow", "worker"]
+    command += ["tests.integration.worker_flows:flow", "--ack-wait", "1"]
+    workers = [
+        subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        for _ in range(2)
+    ]
+
+    async def scenario() -> None:
+        async with engine(settings) as scheduler:
+
+            async def registered() -> bool:
+                with contextlib.suppress(UnknownWorkflowError):
+                    body = {"workflow": "long_sync", "key": "probe"}
+                    await scheduler.client.command("start_run", body)
+                    return True
+                return False
+
+            await waiting.until(registered, "the workers to register", DEADLINE)
+            run_id = await scheduler.start("long_sync", {"log": str(log)})
+            run = await scheduler.when(
+                run_id, lambda r: r["status"] == "completed", "the long step to finish"
+            )
+            assert run["output"] == "done"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                worker.wait(10)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    assert log.read_text().splitlines() == ["slow"]

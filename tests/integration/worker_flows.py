@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,15 @@ async def handback(ctx: RunContext, input: dict[str, str]) -> list[str]:
         return f"after {os.getpid()}"
 
     return [await ctx.step("slow", slow), await ctx.step("after", after)]
+
+
+@flow.workflow(name="long_sync")
+async def long_sync(ctx: RunContext, input: dict[str, str]) -> str:
+    """One sync step that works longer than the workers' ack deadline."""
+
+    def slow() -> str:
+        _append(input["log"], "slow")
+        time.sleep(2.5)  # the step's own work
+        return "done"
+
+    return await ctx.step("slow", slow)
