@@ -143,6 +143,11 @@ class ProjectionBuilder:
         while not stop.is_set():
             try:
                 subscription = await self._step(subscription, stop)
+            except psycopg.errors.UndefinedTable as error:
+                # Not an outage: the schema is older than the code. Retrying cannot help.
+                raise ReadModelsMissingError(
+                    f"{self.name}: {str(error).splitlines()[0]}: run `ledgerflow db init`"
+                ) from None
             except (nats.errors.Error, *TRANSIENT) as error:
                 if stop.is_set():
                     break  # shutting down: connections close under the last round

@@ -49,8 +49,16 @@ async def serve(settings: Settings, roles: Sequence[str]) -> None:
         if isinstance(result, BaseException):
             log.error("role %s failed: %s", tasks[task], result)
     if failed:
-        raise failed[0].exception()  # type: ignore[misc]
+        raise _leaf(failed[0].exception())
     log.info("stopped")
+
+
+def _leaf(error: BaseException | None) -> BaseException:
+    """The one error inside nested exception groups (a role's TaskGroup), else the error."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    assert error is not None
+    return error
 
 
 def _stopping(stop: asyncio.Event, sig: signal.Signals) -> None:

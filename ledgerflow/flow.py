@@ -77,10 +77,13 @@ class Flow:
         retry: RetryPolicy | None = None,
         timeout: timedelta | None = None,
         concurrency: int | Concurrency | None = None,
-        queue: str = "default",
+        queue: str | None = None,
         step_timeout: timedelta | None = None,
     ) -> Callable[[F], F]:
         """Register ``async def wf(ctx: RunContext, input: T) -> R`` under ``name``.
+
+        Runs go to the task queue ``queue``, by default the flow's name: the workers of a
+        flow get its tasks only, never another flow's that they could not run.
 
         ``timeout`` limits the whole run; ``step_timeout`` each step attempt that sets no
         ``timeout`` of its own (see ``RunContext.step``).
@@ -95,7 +98,14 @@ class Flow:
                 raise ValueError(f"workflow {wf_name!r} is registered twice in flow {self.name}")
             limit = Concurrency(limit=concurrency) if isinstance(concurrency, int) else concurrency
             self._workflows[wf_name] = Workflow(
-                wf_name, fn, list(triggers or []), retry, timeout, limit, queue, step_timeout
+                wf_name,
+                fn,
+                list(triggers or []),
+                retry,
+                timeout,
+                limit,
+                queue or self.name,
+                step_timeout,
             )
             setattr(fn, WORKFLOW_NAME_ATTRIBUTE, wf_name)
             return fn

@@ -93,7 +93,7 @@ def test_the_decorator_records_the_workflow_definition() -> None:
     assert body["concurrency"]["limit"] == 2
     assert flow["other"].registration()["timeouts"]["run"] == 60.0
     assert "timeouts" not in body
-    assert flow.queues == ["default", "slow"]
+    assert flow.queues == ["shop", "slow"]  # by default, a flow's runs go to its own queue
 
 
 def test_the_decorator_sends_a_default_step_timeout() -> None:
