@@ -13,80 +13,57 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
 import statistics
-import subprocess
-import sys
-import uuid
 from collections import defaultdict
+from typing import Any
 from uuid import UUID
 
-from benchmarks.workflows import wait_ready
-from infrastructure.bootstrap import bootstrap, init_database
-from infrastructure.postgres.schema import PostgresParams, drop_database
+from benchmarks.workflows import running_ledgerflow, wait_ready
+from infrastructure.bootstrap import bootstrap
 from infrastructure.settings import Settings
 from ledgerflow import Client
-from tests.support.servers import free_port
+from services.workflow_runs import WorkflowRuns
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=50)
     args = parser.parse_args()
-    params = PostgresParams.from_url(Settings().database_url)
-    settings = Settings(
-        database_url=params.url(f"ledgerflow_bench_{uuid.uuid4().hex[:8]}"),
-        subject_prefix=f"bench{uuid.uuid4().hex[:6]}",
-        api_port=free_port(),
-    )
-    init_database(settings)
-    env = {
-        **os.environ,
-        "LEDGERFLOW_DATABASE_URL": settings.database_url,
-        "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
-        "LEDGERFLOW_API_PORT": str(settings.api_port),
-    }
-    quiet = ["--log-level", "warning"]
-    processes = [
-        subprocess.Popen([sys.executable, "-m", "ledgerflow", "serve", *quiet], env=env),
-        subprocess.Popen(
-            [sys.executable, "-m", "ledgerflow", "worker", "benchmarks.flows:flow", *quiet],
-            env=env,
-        ),
-    ]
-
-    async def measure() -> list[str]:
-        async with await Client.connect(settings=settings) as client:
-            await wait_ready(client)
-            ids = []
-            for _ in range(args.runs):
-                run_id = await client.start("three_steps", {})
-                await client.result(run_id, timeout=30)
-                ids.append(run_id)
-            return ids
-
-    try:
-        run_ids = asyncio.run(measure())
+    with running_ledgerflow() as (settings, _):
+        run_ids = asyncio.run(sequential_runs(settings, args.runs))
         app = bootstrap(settings)
-        gaps: dict[str, list[float]] = defaultdict(list)
-        totals = []
-        for run_id in run_ids:
-            events = list(app.events.get(UUID(str(run_id))))
-            for before, after in itertools.pairwise(events):
-                hop = f"{type(before).__name__} -> {type(after).__name__}"
-                gaps[hop].append((after.timestamp - before.timestamp).total_seconds() * 1000)
-            totals.append((events[-1].timestamp - events[0].timestamp).total_seconds() * 1000)
-        app.close()
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
-        drop_database(settings.database_url)
+        try:
+            gaps, totals = hops(app, run_ids)
+        finally:
+            app.close()
     print(f"3-step workflow, {args.runs} sequential runs: median ms between stored events")
     for hop, values in gaps.items():
         print(f"  {hop:<40} {statistics.median(values):7.1f} ms  (n={len(values)})")
     print(f"  {'first event -> last event':<40} {statistics.median(totals):7.1f} ms")
+
+
+async def sequential_runs(settings: Settings, runs: int) -> list[str]:
+    async with await Client.connect(settings=settings) as client:
+        await wait_ready(client)
+        ids = []
+        for _ in range(runs):
+            run_id = await client.start("three_steps", {})
+            await client.result(run_id, timeout=30)
+            ids.append(str(run_id))
+        return ids
+
+
+def hops(app: WorkflowRuns, run_ids: list[str]) -> tuple[dict[str, list[float]], list[float]]:
+    """Milliseconds between consecutive stored events, by transition; and per whole run."""
+    gaps: dict[str, list[float]] = defaultdict(list)
+    totals = []
+    for run_id in run_ids:
+        events: list[Any] = list(app.events.get(UUID(run_id)))  # aggregate events
+        for before, after in itertools.pairwise(events):
+            hop = f"{type(before).__name__} -> {type(after).__name__}"
+            gaps[hop].append((after.timestamp - before.timestamp).total_seconds() * 1000)
+        totals.append((events[-1].timestamp - events[0].timestamp).total_seconds() * 1000)
+    return gaps, totals
 
 
 if __name__ == "__main__":

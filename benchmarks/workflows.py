@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 from infrastructure.bootstrap import init_database
@@ -102,6 +103,22 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=50)
     args = parser.parse_args()
 
+    with running_ledgerflow(concurrency=max(args.in_flight, 1) + 14) as (settings, processes):
+        results = measure_all(settings, processes, args)
+    print("3-step workflow, start to result, every component on this machine:")
+    for name, (latencies, rate, cpu_ms, server_ms) in results.items():
+        print(
+            f"  {name:<14} {rate:7.1f} runs/s   p50 {percentile(latencies, 0.5) * 1000:6.1f} ms"
+            f"   p99 {percentile(latencies, 0.99) * 1000:6.1f} ms"
+            f"   CPU {cpu_ms:5.1f} ms/run (ledgerflow) + {server_ms:4.1f} ms/run (postgres, nats)"
+        )
+
+
+@contextlib.contextmanager
+def running_ledgerflow(
+    concurrency: int = 10,
+) -> Iterator[tuple[Settings, list[subprocess.Popen[bytes]]]]:
+    """`ledgerflow serve` and a worker for benchmarks.flows, on a fresh database."""
     params = PostgresParams.from_url(Settings().database_url)
     settings = Settings(
         database_url=params.url(f"ledgerflow_bench_{uuid.uuid4().hex[:8]}"),
@@ -116,22 +133,24 @@ def main() -> None:
         "LEDGERFLOW_API_PORT": str(settings.api_port),
     }
     quiet = ["--log-level", "warning"]
+    worker = ["worker", "benchmarks.flows:flow", "--concurrency", str(concurrency)]
     processes = [
         subprocess.Popen([sys.executable, "-m", "ledgerflow", "serve", *quiet], env=env),
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ledgerflow",
-                "worker",
-                "benchmarks.flows:flow",
-                "--concurrency",
-                str(max(args.in_flight, 1) + 14),
-                *quiet,
-            ],
-            env=env,
-        ),
+        subprocess.Popen([sys.executable, "-m", "ledgerflow", *worker, *quiet], env=env),
     ]
+    try:
+        yield settings, processes
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=30)
+        drop_database(settings.database_url)
+
+
+def measure_all(
+    settings: Settings, processes: list[subprocess.Popen[bytes]], args: argparse.Namespace
+) -> dict[str, tuple[list[float], float, float, float]]:
     ours = [p.pid for p in processes] + [os.getpid()]
     servers = pids_named("postgres", "nats-server")
 
@@ -139,14 +158,15 @@ def main() -> None:
         results = {}
         async with await Client.connect(settings=settings) as client:
             await wait_ready(client)
-            for name, runs, job in (
+            jobs: list[tuple[str, int, Callable[[], Awaitable[list[float]]]]] = [
                 ("sequential", args.sequential, lambda: sequential(client, args.sequential)),
                 (
                     f"{args.in_flight} in flight",
                     args.runs,
                     lambda: in_flight(client, args.runs, args.in_flight),
                 ),
-            ):
+            ]
+            for name, runs, job in jobs:
                 cpu, server_cpu = cpu_seconds(ours), cpu_seconds(servers)
                 started = time.perf_counter()
                 latencies = await job()
@@ -159,21 +179,7 @@ def main() -> None:
                 )
         return results
 
-    try:
-        results = asyncio.run(measure())
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=30)
-        drop_database(settings.database_url)
-    print("3-step workflow, start to result, every component on this machine:")
-    for name, (latencies, rate, cpu_ms, server_ms) in results.items():
-        print(
-            f"  {name:<14} {rate:7.1f} runs/s   p50 {percentile(latencies, 0.5) * 1000:6.1f} ms"
-            f"   p99 {percentile(latencies, 0.99) * 1000:6.1f} ms"
-            f"   CPU {cpu_ms:5.1f} ms/run (ledgerflow) + {server_ms:4.1f} ms/run (postgres, nats)"
-        )
+    return asyncio.run(measure())
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import nats
+from nats.aio.client import Client as NatsClient
 from rich.console import Console
 from rich.table import Table
 
@@ -33,7 +34,7 @@ console = Console()
 class Commands:
     """Sends commands over NATS request/reply, as a client or worker does."""
 
-    def __init__(self, nc: nats.aio.client.Client, names: Names) -> None:
+    def __init__(self, nc: NatsClient, names: Names) -> None:
         self.nc, self.names = nc, names
 
     async def __call__(self, kind: str, **body: Any) -> dict[str, Any]:
