@@ -72,21 +72,40 @@ async def everything(
     the one system clock in production: due times are set and checked on one time line,
     so a test moves time instead of sleeping.
     """
+    async with stack(settings, flow, clock=clock, ack_wait=ack_wait) as running:
+        yield running
+
+
+@asynccontextmanager
+async def stack(
+    settings: Settings,
+    flow: Flow | None,
+    *,
+    clock: ManualClock | None = None,
+    scheduler: bool = True,
+    ack_wait: float = 5.0,
+) -> AsyncIterator[Stack]:
+    """The command service, the relay, and optionally the scheduler and a worker.
+
+    Without the scheduler, a test plays its part itself (see test_worker.Scheduler).
+    """
     stop = asyncio.Event()
     store = await asyncio.to_thread(bootstrap, settings, clock=clock)
     nc = await nats.connect(settings.nats_url)
     service = CommandService(store, Names(settings.subject_prefix))
     await service.start(nc)
-    worker = Worker(flow, settings, 4, ack_wait=ack_wait)
-    roles = [
-        asyncio.create_task(relay.run(settings, stop), name="relay"),
-        asyncio.create_task(scheduler_runner.run(settings, stop, clock=clock), name="scheduler"),
-        asyncio.create_task(worker.run(stop), name="worker"),
-    ]
+    roles = [asyncio.create_task(relay.run(settings, stop), name="relay")]
+    if scheduler:
+        follow = scheduler_runner.run(settings, stop, clock=clock)
+        roles.append(asyncio.create_task(follow, name="scheduler"))
+    worker = Worker(flow, settings, 4, ack_wait=ack_wait) if flow is not None else None
+    if worker is not None:
+        roles.append(asyncio.create_task(worker.run(stop), name="worker"))
     client = await Client.connect(settings=settings)
     try:
-        await waiting.until(_ready(worker, roles), "the worker", DEADLINE)
-        yield Stack(client, store, clock)
+        if worker is not None:
+            await waiting.until(_ready(worker, roles), "the worker", DEADLINE)
+        yield Stack(client, store, clock or ManualClock())
     finally:
         stop.set()
         results = await asyncio.gather(*roles, return_exceptions=True)

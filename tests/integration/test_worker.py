@@ -14,17 +14,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 
 from examples import fanout, orders
-from infrastructure.bootstrap import bootstrap
-from infrastructure.nats import relay
-from infrastructure.nats.command_service import CommandService
-from infrastructure.nats.names import Names
 from infrastructure.settings import Settings
-from ledgerflow import Client, Flow, RunFailedError, UnknownWorkflowError, Worker
+from ledgerflow import Client, Flow, RunFailedError, UnknownWorkflowError
 from tests.integration import worker_flows
+from tests.integration.durable_stack import stack
 from tests.support import waiting
 from tests.support.isolation import isolated
 
@@ -93,40 +89,10 @@ class Scheduler:
 
 @asynccontextmanager
 async def engine(settings: Settings, flow: Flow | None = None) -> AsyncIterator[Scheduler]:
-    """Command service, relay and (given a flow) a worker, all in this process."""
-    stop = asyncio.Event()
-    store = await asyncio.to_thread(bootstrap, settings)
-    nc = await nats.connect(settings.nats_url)
-    service = CommandService(store, Names(settings.subject_prefix))
-    await service.start(nc)
-    roles = [asyncio.create_task(relay.run(settings, stop), name="relay")]
-    worker = Worker(flow, settings, 4, ack_wait=5.0) if flow is not None else None
-    if worker is not None:
-        roles.append(asyncio.create_task(worker.run(stop), name="worker"))
-    client = await Client.connect(settings=settings)
-    try:
-        if worker is not None:
-            await waiting.until(_ready(worker, roles), "the worker to be ready", DEADLINE)
-        yield Scheduler(client)
-    finally:
-        stop.set()
-        results = await asyncio.gather(*roles, return_exceptions=True)
-        await client.close()
-        await service.stop()
-        await nc.close()
-        await asyncio.to_thread(store.close)
-    assert [r for r in results if r is not None] == []
-
-
-def _ready(worker: Worker, roles: list[asyncio.Task[None]]) -> Callable[[], Any]:
-    async def ready() -> bool:
-        for role in roles:
-            if role.done():
-                role.result()
-                raise AssertionError(f"{role.get_name()} stopped")
-        return worker.ready.is_set()
-
-    return ready
+    """Command service, relay and (given a flow) a worker, all in this process; the test
+    plays the scheduler's part (``Scheduler``)."""
+    async with stack(settings, flow, scheduler=False) as running:
+        yield Scheduler(running.client)
 
 
 # ------------------------------------------------------------------------------ tests
