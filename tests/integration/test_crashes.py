@@ -35,6 +35,7 @@ from ledgerflow.errors import CommandError
 from tests.integration import crash_flows
 from tests.support import waiting
 from tests.support.isolation import isolated
+from tests.support.servers import stop_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -93,15 +94,7 @@ class Processes:
                 raise AssertionError(f"{name} exited {process.returncode}:\n{self.log(name)}")
 
     def stop_all(self) -> None:
-        for process in self.running.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.running.values():
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.running.values())
 
 
 @contextlib.contextmanager

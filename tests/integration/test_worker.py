@@ -23,6 +23,7 @@ from tests.integration import worker_flows
 from tests.integration.durable_stack import stack
 from tests.support import waiting
 from tests.support.isolation import isolated
+from tests.support.servers import stop_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -296,14 +297,7 @@ def test_a_run_survives_its_worker_being_killed(settings: Settings, tmp_path: Pa
     try:
         asyncio.run(scenario(workers))
     finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(10)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+        stop_processes(workers)
     assert workers[-1].returncode == 0, (tmp_path / "second.log").read_text()
     starts = Counter(line for line in lines() if line.startswith("start"))
     assert set(starts) == {f"start {i}" for i in range(worker_flows.CRASH_STEPS)}

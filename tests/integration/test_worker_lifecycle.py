@@ -24,6 +24,7 @@ from tests.integration.durable_stack import everything
 from tests.integration.test_worker import engine
 from tests.support import waiting
 from tests.support.isolation import isolated
+from tests.support.servers import stop_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -155,14 +156,7 @@ def test_a_stopped_worker_finishes_its_step_and_hands_the_run_back_at_once(
     try:
         asyncio.run(scenario(workers))
     finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signal.SIGTERM)
-                try:
-                    worker.wait(10)
-                except subprocess.TimeoutExpired:
-                    worker.kill()
-                    worker.wait()
+        stop_processes(workers)
     assert workers[-1].returncode == 0, (tmp_path / "second.log").read_text()
     first_pid, second_pid = workers[0].pid, workers[1].pid
     assert Counter(lines()) == {
@@ -216,12 +210,5 @@ def test_a_sync_step_longer_than_the_ack_deadline_keeps_its_task_and_runs_once(
     try:
         asyncio.run(scenario())
     finally:
-        for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-        for worker in workers:
-            try:
-                worker.wait(10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        stop_processes(workers)
     assert log.read_text().splitlines() == ["slow"]

@@ -13,10 +13,10 @@ import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, ClassVar, Literal, Self
+from typing import IO, Any, ClassVar, Literal, Self
 
 __all__ = [
     "MissingBinaryError",
@@ -27,6 +27,7 @@ __all__ = [
     "find_nats_server",
     "find_postgres_bindir",
     "free_port",
+    "stop_processes",
     "wait_until",
 ]
 
@@ -570,3 +571,17 @@ class PrivateNats(_PrivateServer):
                 return conn.recv(4096).startswith(b"INFO ")
         except OSError:
             return False
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[Any]], grace: float = 10.0) -> None:
+    """SIGTERM every process still running, wait up to ``grace`` s each, then SIGKILL."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
