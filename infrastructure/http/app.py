@@ -19,6 +19,7 @@ from psycopg_pool import ConnectionPool
 
 import ledgerflow
 from infrastructure.bootstrap import bootstrap
+from infrastructure.http.commands import NatsGateway
 from infrastructure.http.context import ApiContext, Limits
 from infrastructure.http.errors import install_error_handlers
 from infrastructure.http.freshness import PositionWatcher
@@ -96,8 +97,12 @@ async def _open(
         limits=limits,
         queries=queries,
         store=store,
-        nats=nats_client,
-        names=Names(settings.subject_prefix),
+        commands=NatsGateway(
+            nats_client,
+            Names(settings.subject_prefix),
+            max_bytes=settings.max_command_bytes,
+            timeout=limits.command_timeout,
+        ),
         watcher=watcher,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -31,6 +32,28 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise ApiError("too_large", f"request exceeds the limit of {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class NatsGateway:
+    """Commands forwarded to the command service over NATS (``serve``'s API role)."""
+
+    dependency = "nats"
+
+    def __init__(self, nc: Client, names: Names, *, max_bytes: int, timeout: float) -> None:
+        self.nc = nc
+        self.names = names
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+
+    async def send(self, name: str, payload: bytes) -> dict[str, JSON]:
+        return await forward(
+            self.nc, self.names, name, payload, max_bytes=self.max_bytes, timeout=self.timeout
+        )
+
+    async def check(self, timeout: float) -> None:
+        if not self.nc.is_connected:
+            raise ConnectionError("not connected")
+        await asyncio.wait_for(self.nc.flush(), timeout)
 
 
 async def forward(

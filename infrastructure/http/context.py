@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from fastapi import Request
-from nats.aio.client import Client
 
+from domain.values import JSON
 from infrastructure.http.freshness import PositionWatcher
-from infrastructure.nats.names import Names
 from infrastructure.postgres.queries import ReadModelQueries
 from infrastructure.settings import Settings
 from services.workflow_runs import WorkflowRuns
@@ -37,14 +37,29 @@ class Limits:
                 raise ValueError(f"{name} must be positive, not {value!r}")
 
 
+class CommandGateway(Protocol):
+    """Where the API's commands go: the command service over NATS, or the embedded engine."""
+
+    dependency: str
+    """The name /healthz gives this dependency ("nats", "engine")."""
+
+    async def send(self, name: str, payload: bytes) -> dict[str, JSON]:
+        """The reply to command ``name`` (an error body when refused); raises ApiError when
+        the request is malformed or nobody can answer."""
+        ...
+
+    async def check(self, timeout: float) -> None:
+        """Return when the gateway can carry a command; raise when it cannot."""
+        ...
+
+
 @dataclass(frozen=True)
 class ApiContext:
     settings: Settings
     limits: Limits
     queries: ReadModelQueries
     store: WorkflowRuns
-    nats: Client
-    names: Names
+    commands: CommandGateway
     watcher: PositionWatcher
 
     async def fresh(self, projections: Iterable[str], min_position: int | None) -> None:

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from domain.workflow_run import RunStatus
 from infrastructure import metrics
-from infrastructure.http.commands import forward, read_body
+from infrastructure.http.commands import read_body
 from infrastructure.http.context import ApiContext, api_context
 from infrastructure.http.errors import RETRY_AFTER_SECONDS, ApiError, error_response, status_of
 from infrastructure.http.history import run_history
@@ -169,12 +169,10 @@ async def healthz(ctx: Context) -> Health | JSONResponse:
     async def database() -> None:
         await asyncio.wait_for(asyncio.to_thread(ctx.queries.projections), timeout)
 
-    async def nats() -> None:
-        if not ctx.nats.is_connected:
-            raise ConnectionError("not connected")
-        await asyncio.wait_for(ctx.nats.flush(), timeout)
+    async def commands() -> None:
+        await ctx.commands.check(timeout)
 
-    checks = {"database": database, "nats": nats}
+    checks = {"database": database, ctx.commands.dependency: commands}
     results = await asyncio.gather(*(check() for check in checks.values()), return_exceptions=True)
     failed = [
         {"dependency": name, "error": str(result) or type(result).__name__}
@@ -233,14 +231,7 @@ async def post_command(
     """Forward a command to the command service over NATS and give back its reply."""
     max_bytes = ctx.settings.max_command_bytes
     payload = await read_body(request, max_bytes)
-    reply = await forward(
-        ctx.nats,
-        ctx.names,
-        name,
-        payload,
-        max_bytes=max_bytes,
-        timeout=ctx.limits.command_timeout,
-    )
+    reply = await ctx.commands.send(name, payload)
     if reply.get("ok") is True:
         return JSONResponse(reply)
     error = reply.get("error")
