@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from eventsourcing.utils import get_topic
 
@@ -11,6 +12,7 @@ from infrastructure.postgres.recorder import CommandLoggingRecorder
 from infrastructure.postgres.scheduler_schema import init_scheduler
 from infrastructure.postgres.schema import PostgresParams, ensure_database
 from infrastructure.settings import Settings
+from infrastructure.sqlite.recorder import SQLiteCommandRecorder
 from services.clock import Clock
 from services.workflow_runs import WorkflowRuns
 
@@ -21,6 +23,14 @@ def event_store_env(settings: Settings, *, create_tables: bool = False) -> dict[
     In production the tables exist already (``ledgerflow db init`` made them), so the
     library is told not to create them lazily at start-up.
     """
+    if settings.sqlite_path is not None:
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": settings.sqlite_path,
+            "SQLITE_LOCK_TIMEOUT": "10",
+            "CREATE_TABLE": "y",  # an embedded store makes its own tables on first use
+            "APPLICATION_RECORDER_TOPIC": get_topic(SQLiteCommandRecorder),
+        }
     if not settings.uses_postgres:
         return {"PERSISTENCE_MODULE": "eventsourcing.popo"}
     params = PostgresParams.from_url(settings.database_url)
@@ -57,6 +67,12 @@ def bootstrap(
 
 def init_database(settings: Settings) -> bool:
     """Create the database if missing and every table; idempotent. True if db was created."""
+    if settings.sqlite_path is not None:
+        path = Path(settings.sqlite_path)
+        created = not path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bootstrap(settings, create_tables=True).close()
+        return created
     if not settings.uses_postgres:
         return False
     created = ensure_database(settings.database_url)

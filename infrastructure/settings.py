@@ -10,7 +10,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LEDGERFLOW_", extra="ignore", frozen=True)
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/ledgerflow"
-    """``postgresql://user:password@host:port/dbname``, or ``memory://`` for a throw-away store."""
+    """``postgresql://user:password@host:port/dbname``; ``sqlite:///path/to/file.db`` for the
+    embedded store of ``ledgerflow dev``; or ``memory://`` for a throw-away store."""
 
     nats_url: str = "nats://127.0.0.1:4222"
     subject_prefix: str = Field(
@@ -30,10 +31,19 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        if not url.startswith(("postgresql://", "postgres://", "memory://")):
-            raise ValueError("database_url must start with postgresql:// or memory://")
+        if not url.startswith(("postgresql://", "postgres://", "sqlite:///", "memory://")):
+            raise ValueError("database_url must start with postgresql://, sqlite:/// or memory://")
+        if url.startswith("sqlite:///") and not url.removeprefix("sqlite:///"):
+            raise ValueError("sqlite:/// needs a file path, e.g. sqlite:///.ledgerflow/dev.db")
         return url
 
     @property
     def uses_postgres(self) -> bool:
-        return not self.database_url.startswith("memory://")
+        return self.database_url.startswith(("postgresql://", "postgres://"))
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The embedded store's file (``sqlite:///rel/path`` or ``sqlite:////abs/path``)."""
+        if self.database_url.startswith("sqlite:///"):
+            return self.database_url.removeprefix("sqlite:///")
+        return None

@@ -20,7 +20,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from infrastructure.nats.names import HEADER_ORIGINATOR_ID, Names
 from infrastructure.nats.requests import request
 from infrastructure.nats.streams import StreamLimits, ensure_stream, tasks_config
-from ledgerflow.errors import CommandError, error_for
+from ledgerflow import _ports as ports
+from ledgerflow.errors import CommandError, checked
 
 log = logging.getLogger("ledgerflow.transport")
 
@@ -48,15 +49,7 @@ class Transport:
             msg = await request(self.nc, self.names.command(name), payload, self.timeout)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
             raise CommandError("unavailable", f"{name}: no reply from the command service") from e
-        reply: dict[str, Any] = json.loads(msg.data)
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise error_for(
-                str(error.get("code", "internal")),
-                str(error.get("message", "")),
-                error.get("details") or [],
-            )
-        return reply
+        return checked(json.loads(msg.data))
 
     @contextlib.asynccontextmanager
     async def run_ends(self, run_id: str) -> AsyncIterator[asyncio.Event]:
@@ -82,6 +75,9 @@ class Transport:
             for subscription in subscriptions:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
+
+    async def open_queue(self, queue: str, ack_wait: float) -> TaskQueue:
+        return await TaskQueue.open(self, queue, ack_wait)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -146,13 +142,13 @@ class TaskQueue:
         )
         return cls(sub, queue)
 
-    async def fetch(self, count: int, timeout: float) -> list[Task]:
+    async def fetch(self, count: int, timeout: float) -> list[ports.Task]:
         """Up to ``count`` tasks; none when ``timeout`` passes first."""
         try:
             msgs = await self._sub.fetch(count, timeout=timeout)
         except (nats.errors.TimeoutError, TimeoutError):
             return []
-        tasks = []
+        tasks: list[ports.Task] = []
         for msg in msgs:
             try:
                 tasks.append(Task.of(msg))

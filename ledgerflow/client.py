@@ -10,7 +10,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from infrastructure.settings import Settings
-from ledgerflow._transport import Transport
+from ledgerflow import _transport
+from ledgerflow._ports import Transport
 from ledgerflow.context import encode
 from ledgerflow.errors import RunFailedError
 from ledgerflow.flow import workflow_name
@@ -37,7 +38,7 @@ class Client:
         if settings is not None:
             nats_url, subject_prefix = settings.nats_url, settings.subject_prefix
         name = f"ledgerflow-client-{uuid.uuid4().hex[:8]}"
-        return cls(await Transport.connect(nats_url, subject_prefix, name))
+        return cls(await _transport.Transport.connect(nats_url, subject_prefix, name))
 
     async def __aenter__(self) -> Self:
         return self

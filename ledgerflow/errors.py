@@ -72,6 +72,18 @@ def error_for(code: str, message: str, details: list[Any] | None = None) -> Exce
     return error
 
 
+def checked(reply: dict[str, Any]) -> dict[str, Any]:
+    """A command's reply body when it was applied; its refusal raised as an exception."""
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        raise error_for(
+            str(error.get("code", "internal")),
+            str(error.get("message", "")),
+            error.get("details") or [],
+        )
+    return reply
+
+
 def reason_of(details: list[Any]) -> str | None:
     """The stable reason a refusal's details carry (``superseded``, ``retries_exhausted``)."""
     for detail in details:

@@ -149,3 +149,20 @@ def type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
         return typing.get_type_hints(fn)
     except Exception:
         return {}
+
+
+def load_flow(target: str) -> Flow:
+    """The Flow that ``MODULE:ATTRIBUTE`` names (``MODULE`` alone means ``MODULE:flow``);
+    ValueError saying what is wrong when it names none."""
+    import importlib
+
+    module_name, _, attribute = target.partition(":")
+    if not module_name:
+        raise ValueError(f"{target!r} is not MODULE:FLOW")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute or "flow")
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load {target}: {e}") from e
+    if not isinstance(found, Flow):
+        raise ValueError(f"{target} is not a ledgerflow Flow")
+    return found

@@ -12,7 +12,8 @@ from enum import StrEnum
 from typing import Any
 
 from infrastructure.settings import Settings
-from ledgerflow._transport import Task, TaskQueue, Transport
+from ledgerflow import _transport
+from ledgerflow._ports import Task, TaskQueue, Transport
 from ledgerflow.context import (
     HandedBack,
     Refused,
@@ -51,7 +52,10 @@ class Worker:
         *,
         ack_wait: float = 30.0,
         worker_id: str | None = None,
+        transport: Transport | None = None,
     ) -> None:
+        """``transport`` is the embedded engine's (``ledgerflow dev``); by default the
+        worker connects to NATS at ``settings.nats_url`` and closes it when it stops."""
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.flow = flow
@@ -62,7 +66,8 @@ class Worker:
         self._held = 0  # tasks in hand (and slots reserved by a fetch under way)
         self._freed = asyncio.Event()
         self._stopping = False
-        self._transport: Transport | None = None
+        self._transport: Transport | None = transport
+        self._given = transport is not None
         self.ready = asyncio.Event()
         """Set once the workflows are registered and the queues are being pulled."""
 
@@ -92,9 +97,11 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; then hand back what is in hand and close."""
-        transport = await Transport.connect(
-            self.settings.nats_url, self.settings.subject_prefix, f"worker-{self.worker_id}"
-        )
+        transport = self._transport
+        if transport is None or not self._given:
+            transport = await _transport.Transport.connect(
+                self.settings.nats_url, self.settings.subject_prefix, f"worker-{self.worker_id}"
+            )
         self._transport = transport
         in_hand: set[asyncio.Task[None]] = set()
         queues: list[TaskQueue] = []
@@ -102,7 +109,7 @@ class Worker:
             if not await self._register(transport, stop):
                 return
             for name in self.flow.queues:
-                queues.append(await TaskQueue.open(transport, name, self.ack_wait))
+                queues.append(await transport.open_queue(name, self.ack_wait))
             log.info(
                 "worker %s serves %d workflow(s) on queue(s) %s, concurrency %d",
                 self.worker_id,
@@ -123,7 +130,8 @@ class Worker:
                 await asyncio.gather(*in_hand, return_exceptions=True)
             for queue in queues:
                 await queue.close()
-            await transport.close()
+            if not self._given:
+                await transport.close()
             log.info("worker %s stopped", self.worker_id)
 
     async def _pull(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -50,3 +51,17 @@ def database_settings(postgres_server_url: str) -> Iterator[Settings]:
         yield test_settings
     finally:
         drop_database(test_settings.database_url)
+
+
+@pytest.fixture(params=["embedded", "postgres"], ids=["embedded", "postgres+nats"])
+def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
+    """Settings for each backend in turn: the embedded engine of ``ledgerflow dev`` (a
+    SQLite file of the test's own), and PostgreSQL + NATS (a database and subject prefix
+    of the test's own). Scenarios that take it run on both, so the two never drift."""
+    if request.param == "embedded":
+        yield Settings(database_url=f"sqlite:///{tmp_path}/ledgerflow.db")
+        return
+    from tests.support.isolation import isolated
+
+    with isolated(request.getfixturevalue("postgres_server_url")) as own:
+        yield own

@@ -20,7 +20,7 @@ from psycopg_pool import ConnectionPool
 import ledgerflow
 from infrastructure.bootstrap import bootstrap
 from infrastructure.http.commands import NatsGateway
-from infrastructure.http.context import ApiContext, Limits
+from infrastructure.http.context import ApiContext, CommandGateway, Limits, Queries
 from infrastructure.http.errors import install_error_handlers
 from infrastructure.http.freshness import PositionWatcher
 from infrastructure.http.observe import ObserveRequests
@@ -41,20 +41,22 @@ SHUTDOWN_GRACE = 5
 def create_app(
     settings: Settings,
     *,
-    queries: ReadModelQueries | None = None,
+    queries: Queries | None = None,
     store: WorkflowRuns | None = None,
     nats_client: Client | None = None,
+    commands: CommandGateway | None = None,
     **limits: float,
 ) -> FastAPI:
     """The API app. Its lifespan opens whatever is not passed in (a query pool, the event
     store, a NATS connection) and closes what it opened; what is passed in stays the
-    caller's. ``limits`` are :class:`Limits` fields (``max_wait=0.2``...)."""
+    caller's. ``commands`` replaces NATS (the embedded engine of ``ledgerflow dev``).
+    ``limits`` are :class:`Limits` fields (``max_wait=0.2``...)."""
     bounds = Limits(**limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            ctx = await _open(stack, settings, bounds, queries, store, nats_client)
+            ctx = await _open(stack, settings, bounds, queries, store, nats_client, commands)
             app.state.ledgerflow = ctx
             log.info("API ready (schema %s, nats %s)", settings.db_schema, settings.nats_url)
             yield
@@ -76,9 +78,10 @@ async def _open(
     stack: contextlib.AsyncExitStack,
     settings: Settings,
     limits: Limits,
-    queries: ReadModelQueries | None,
+    queries: Queries | None,
     store: WorkflowRuns | None,
     nats_client: Client | None,
+    commands: CommandGateway | None,
 ) -> ApiContext:
     if queries is None:
         queries = await asyncio.to_thread(open_queries, settings, limits.db_timeout)
@@ -86,9 +89,16 @@ async def _open(
     if store is None:
         store = await asyncio.to_thread(bootstrap, settings)
         stack.push_async_callback(asyncio.to_thread, store.close)
-    if nats_client is None:
-        nats_client = await connect(settings, name="ledgerflow-api")
-        stack.push_async_callback(_close_nats, nats_client)
+    if commands is None:
+        if nats_client is None:
+            nats_client = await connect(settings, name="ledgerflow-api")
+            stack.push_async_callback(_close_nats, nats_client)
+        commands = NatsGateway(
+            nats_client,
+            Names(settings.subject_prefix),
+            max_bytes=settings.max_command_bytes,
+            timeout=limits.command_timeout,
+        )
     read = queries.projection_positions
     watcher = PositionWatcher(lambda: asyncio.to_thread(read), interval=limits.poll_interval)
     stack.push_async_callback(watcher.close)
@@ -97,12 +107,7 @@ async def _open(
         limits=limits,
         queries=queries,
         store=store,
-        commands=NatsGateway(
-            nats_client,
-            Names(settings.subject_prefix),
-            max_bytes=settings.max_command_bytes,
-            timeout=limits.command_timeout,
-        ),
+        commands=commands,
         watcher=watcher,
     )
 
@@ -198,10 +203,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(asyncio.to_thread, store.close)
         nc = await connect(settings, name="ledgerflow-api")
         stack.push_async_callback(_close_nats, nc)
-        sock = await asyncio.to_thread(_listen, settings.api_host, settings.api_port)
-        stack.callback(sock.close)
-
         app = create_app(settings, queries=queries, store=store, nats_client=nc)
+        await serve_app(app, settings.api_host, settings.api_port, stop)
+    log.info("API stopped")
+
+
+async def serve_app(app: FastAPI, host: str, port: int, stop: asyncio.Event) -> None:
+    """Serve ``app`` on ``host:port`` until ``stop`` is set (then let requests finish)."""
+    sock = await asyncio.to_thread(_listen, host, port)
+    try:
         config = uvicorn.Config(
             app,
             log_config=None,  # logging is the serve command's business
@@ -211,7 +221,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
         server = _Server(config)
         serving = asyncio.create_task(_serve(server, sock), name="uvicorn")
         stopping = asyncio.create_task(stop.wait(), name="api-stop")
-        log.info("API listening on http://%s:%d", settings.api_host, settings.api_port)
+        log.info("API listening on http://%s:%d", host, port)
         try:
             await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -222,7 +232,8 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             await serving
         if not stop.is_set():
             raise RuntimeError("the API server stopped on its own")
-    log.info("API stopped")
+    finally:
+        sock.close()
 
 
 async def _serve(server: uvicorn.Server, sock: socket.socket) -> None:

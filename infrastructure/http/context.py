@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+from uuid import UUID
 
 from fastapi import Request
 
 from domain.values import JSON
 from infrastructure.http.freshness import PositionWatcher
-from infrastructure.postgres.queries import ReadModelQueries
+from infrastructure.postgres.queries import (
+    InboundEventDetail,
+    RunDetail,
+    RunPage,
+    WorkflowSummary,
+)
+from infrastructure.postgres.read_models import ProjectionStatus
 from infrastructure.settings import Settings
 from services.workflow_runs import WorkflowRuns
 
@@ -37,6 +44,24 @@ class Limits:
                 raise ValueError(f"{name} must be positive, not {value!r}")
 
 
+class Queries(Protocol):
+    """The read side the API serves: PostgreSQL's views, or the embedded engine's memory."""
+
+    def list_runs_page(self, **filters: Any) -> RunPage: ...
+
+    def get_run(self, run_id: UUID) -> RunDetail | None: ...
+
+    def list_workflows(self) -> list[WorkflowSummary]: ...
+
+    def get_event(self, event_id: UUID) -> InboundEventDetail | None: ...
+
+    def projection_positions(self) -> dict[str, int]: ...
+
+    def projections(self) -> list[ProjectionStatus]: ...
+
+    def close(self) -> None: ...
+
+
 class CommandGateway(Protocol):
     """Where the API's commands go: the command service over NATS, or the embedded engine."""
 
@@ -57,7 +82,7 @@ class CommandGateway(Protocol):
 class ApiContext:
     settings: Settings
     limits: Limits
-    queries: ReadModelQueries
+    queries: Queries
     store: WorkflowRuns
     commands: CommandGateway
     watcher: PositionWatcher

@@ -170,6 +170,20 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
         raise InvalidQueryError(f"invalid cursor {cursor[:80]!r}") from e
 
 
+def check_run_filters(
+    status: str | None, created_after: datetime | None, created_before: datetime | None, limit: int
+) -> None:
+    """Refuse what no backend can answer: a limit out of range, an unknown status, a
+    naive time."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidQueryError(f"limit must be 1..{MAX_LIMIT}")
+    if status is not None and status not in {s.value for s in RunStatus}:
+        raise InvalidQueryError(f"unknown status {status!r}")
+    for when in (created_after, created_before):
+        if when is not None and when.tzinfo is None:
+            raise InvalidQueryError("times must carry a time zone")
+
+
 class ReadModelQueries:
     """Queries on the stable views (``ledgerflow_run_summaries``...), which a rebuild's
     swap repoints atomically: a query sees either the old version or the new one."""
@@ -214,13 +228,7 @@ class ReadModelQueries:
 
         ``created_after`` is inclusive, ``created_before`` exclusive.
         """
-        if not 1 <= limit <= MAX_LIMIT:
-            raise InvalidQueryError(f"limit must be 1..{MAX_LIMIT}")
-        if status is not None and status not in {s.value for s in RunStatus}:
-            raise InvalidQueryError(f"unknown status {status!r}")
-        for when in (created_after, created_before):
-            if when is not None and when.tzinfo is None:
-                raise InvalidQueryError("times must carry a time zone")
+        check_run_filters(status, created_after, created_before, limit)
         where: list[sql.Composable] = []
         params: list[Any] = []
         if workflow is not None:

@@ -9,10 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import httpx
 import nats
 
-from infrastructure import scheduler_runner
+from infrastructure import projection_runner, scheduler_runner
 from infrastructure.bootstrap import bootstrap
+from infrastructure.embedded.dev import embedded
+from infrastructure.http import app as http_app
 from infrastructure.nats import relay
 from infrastructure.nats.command_service import CommandService
 from infrastructure.nats.names import Names
@@ -21,6 +24,7 @@ from ledgerflow import Client, Flow, Worker
 from services.clock import ManualClock
 from services.workflow_runs import WorkflowRuns
 from tests.support import waiting
+from tests.support.servers import free_port
 
 DEADLINE = 30.0
 ENDED = frozenset({"completed", "failed", "cancelled"})
@@ -66,12 +70,19 @@ def kinds(events: list[Any], *, dispatches: bool = False) -> list[str]:
 async def everything(
     settings: Settings, clock: ManualClock, flow: Flow, ack_wait: float = 5.0
 ) -> AsyncIterator[Stack]:
-    """Commands, relay, scheduler and a worker serving ``flow``, all in this process.
+    """Commands, relay, scheduler and a worker serving ``flow``, all in this process:
+    over PostgreSQL and NATS, or on the embedded engine when ``settings`` names a SQLite
+    store (the same scenarios run on both, so the two backends never drift apart).
 
     The command service and the scheduler read the same ``clock``, as every process reads
     the one system clock in production: due times are set and checked on one time line,
     so a test moves time instead of sleeping.
     """
+    if settings.sqlite_path is not None:
+        api = settings.model_copy(update={"api_port": free_port()})
+        async with embedded(api, [flow], concurrency=4, clock=clock, ack_wait=ack_wait) as dev:
+            yield Stack(dev.client, dev.engine.store, clock)
+        return
     async with stack(settings, flow, clock=clock, ack_wait=ack_wait) as running:
         yield running
 
@@ -125,3 +136,53 @@ def _ready(worker: Worker, roles: list[asyncio.Task[None]]) -> Callable[[], Any]
         return worker.ready.is_set()
 
     return ready
+
+
+@dataclass(frozen=True)
+class ApiStack:
+    """A durable stack with its HTTP API (and, on PostgreSQL, the projections role)."""
+
+    stack: Stack
+    api_url: str
+
+
+@asynccontextmanager
+async def with_api(
+    settings: Settings, clock: ManualClock, flow: Flow, ack_wait: float = 5.0
+) -> AsyncIterator[ApiStack]:
+    """:func:`everything` plus the read models and the API on a free loopback port: the
+    embedded engine's own, or ``serve``'s projections and api roles over PostgreSQL."""
+    settings = settings.model_copy(update={"api_port": free_port()})
+    if settings.sqlite_path is not None:
+        async with embedded(settings, [flow], concurrency=4, clock=clock, ack_wait=ack_wait) as dev:
+            yield ApiStack(Stack(dev.client, dev.engine.store, clock), dev.api_url)
+        return
+    async with stack(settings, flow, clock=clock, ack_wait=ack_wait) as running:
+        stop = asyncio.Event()
+        roles = [
+            asyncio.create_task(projection_runner.run(settings, stop), name="projections"),
+            asyncio.create_task(http_app.run(settings, stop), name="api"),
+        ]
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
+        try:
+            await waiting.until(_answers(api_url, roles), "the API", DEADLINE)
+            yield ApiStack(running, api_url)
+        finally:
+            stop.set()
+            results = await asyncio.gather(*roles, return_exceptions=True)
+        assert [r for r in results if r is not None] == []
+
+
+def _answers(api_url: str, roles: list[asyncio.Task[None]]) -> Callable[[], Any]:
+    async def answers() -> bool:
+        for role in roles:
+            if role.done():
+                role.result()
+                raise AssertionError(f"{role.get_name()} stopped")
+        try:
+            async with httpx.AsyncClient(base_url=api_url, timeout=1.0) as http:
+                return (await http.get("/healthz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return answers

@@ -14,7 +14,6 @@ from infrastructure.settings import Settings
 from ledgerflow import Flow, RetryPolicy, RunContext
 from services.clock import ManualClock
 from tests.integration.durable_stack import DEADLINE, everything
-from tests.support.isolation import isolated
 
 pytestmark = pytest.mark.integration
 
@@ -53,9 +52,9 @@ async def thank_you(ctx: RunContext, event: dict[str, Any]) -> str:
 
 
 @pytest.fixture
-def settings(postgres_server_url: str) -> Any:
-    with isolated(postgres_server_url) as own:
-        yield own
+def settings(backend_settings: Settings) -> Settings:
+    """Every scenario here runs on the embedded engine and on PostgreSQL + NATS."""
+    return backend_settings
 
 
 def test_a_run_retries_sleeps_waits_invokes_and_triggers_through_the_real_scheduler(

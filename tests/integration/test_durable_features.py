@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,7 +21,6 @@ from ledgerflow import (
 )
 from services.clock import ManualClock
 from tests.integration.durable_stack import DEADLINE, Stack, everything, kinds
-from tests.support.isolation import isolated
 
 pytestmark = pytest.mark.integration
 
@@ -147,9 +146,9 @@ async def fussy(ctx: RunContext) -> str:
 
 # ---------------------------------------------------------------------------- harness
 @pytest.fixture
-def settings(postgres_server_url: str) -> Iterator[Settings]:
-    with isolated(postgres_server_url) as own:
-        yield own
+def settings(backend_settings: Settings) -> Settings:
+    """Every scenario here runs on the embedded engine and on PostgreSQL + NATS."""
+    return backend_settings
 
 
 def on_stack(settings: Settings, scenario: Callable[[Stack], Awaitable[None]]) -> None:

@@ -1,0 +1,1 @@
+"""The embedded event store: eventsourcing's SQLite recorder with the command log."""
