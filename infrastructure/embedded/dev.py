@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -106,3 +108,34 @@ async def _ready(
             if loop.time() > deadline:
                 raise TimeoutError(f"ledgerflow dev did not come up within {READY_TIMEOUT:g} s")
             await asyncio.sleep(0.05)
+
+
+def parse_start(spec: str) -> tuple[str, Any]:
+    """``WORKFLOW`` or ``WORKFLOW=JSON`` (a ``--start`` option): the name and its input."""
+    name, sep, raw = spec.partition("=")
+    if not name:
+        raise ValueError(f"--start {spec!r}: expected WORKFLOW or WORKFLOW=JSON")
+    if not sep:
+        return name, None
+    try:
+        return name, json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"--start {spec!r}: the input is not JSON ({e})") from None
+
+
+def banner(dev: DevStack, settings: Settings, flows: Sequence[Flow]) -> list[str]:
+    """What ``ledgerflow dev`` prints once it is up: where to look, what to try."""
+    names = [w.name for flow in flows for w in flow]
+    api = f"--api-url {dev.api_url} " if settings.api_port != 8080 else ""
+    first = names[0] if names else "WORKFLOW"
+    return [
+        f"ledgerflow dev is up (store {settings.sqlite_path})",
+        f"  UI    {dev.ui_url}",
+        f"  API   {dev.api_url}/docs",
+        f"  workflows: {', '.join(names) or 'none (pass MODULE:FLOW)'}",
+        "Try:",
+        f"  ledgerflow {api}start {first} --input '{{}}' --wait",
+        f"  ledgerflow {api}runs list",
+        f'  ledgerflow {api}send order.confirmed --data \'{{"order_id": "A1"}}\'',
+        "Ctrl-C stops it; runs carry on where they were when it starts again.",
+    ]
