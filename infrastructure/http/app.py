@@ -25,6 +25,7 @@ from infrastructure.http.errors import install_error_handlers
 from infrastructure.http.freshness import PositionWatcher
 from infrastructure.http.observe import ObserveRequests
 from infrastructure.http.routes import router
+from infrastructure.http.ui import install_ui
 from infrastructure.nats.connect import connect
 from infrastructure.nats.names import Names
 from infrastructure.postgres.queries import ReadModelQueries
@@ -68,6 +69,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(ObserveRequests)
     app.include_router(router)
+    install_ui(app)
     app.openapi = _openapi_with_error_bodies(app)  # type: ignore[method-assign]
     return app
 
