@@ -24,6 +24,7 @@ from infrastructure.http.context import ApiContext, Limits
 from infrastructure.http.errors import install_error_handlers
 from infrastructure.http.freshness import PositionWatcher
 from infrastructure.http.observe import ObserveRequests
+from infrastructure.http.rebuilder import PostgresRebuilder
 from infrastructure.http.routes import router
 from infrastructure.http.ui import install_ui
 from infrastructure.nats.connect import connect
@@ -94,6 +95,8 @@ async def _open(
     read = queries.projection_positions
     watcher = PositionWatcher(lambda: asyncio.to_thread(read), interval=limits.poll_interval)
     stack.push_async_callback(watcher.close)
+    rebuilder = PostgresRebuilder(settings)
+    stack.push_async_callback(rebuilder.close)
     return ApiContext(
         settings=settings,
         limits=limits,
@@ -106,6 +109,7 @@ async def _open(
             timeout=limits.command_timeout,
         ),
         watcher=watcher,
+        rebuilder=rebuilder,
     )
 
 
