@@ -233,6 +233,10 @@ def test_a_run_page_shows_the_failed_attempt_with_its_error_and_traceback(
             assert "Traceback: x" in page.text
             assert "StepFailed" in page.text  # the raw history
 
+            live = await u.http.get(f"/ui/runs/{run_id}/live")  # what the page polls
+            assert live.status_code == 200
+            assert "<html" not in live.text and "Traceback: x" in live.text
+
     asyncio.run(scenario())
 
 

@@ -197,7 +197,7 @@ async def run_live(ctx: Context, run_id: str) -> HTMLResponse:
     view = await _run_view(ctx, run_id, None)
     if view is None:
         return _run_not_found(run_id)
-    return render("_run_live.html", **view)
+    return render("_run_live.html", command_id=str(uuid.uuid4()), **view)
 
 
 @router.post("/runs/{run_id}/cancel")
@@ -320,6 +320,13 @@ def _run_not_found(run_id: str) -> HTMLResponse:
 async def workflows_page(ctx: Context) -> HTMLResponse:
     workflows = await asyncio.to_thread(ctx.queries.list_workflows)
     return render("workflows.html", page="workflows", workflows=workflows)
+
+
+@router.get("/workflows/rows")
+async def workflows_rows(ctx: Context) -> HTMLResponse:
+    """The workflows table alone: what the workflows page polls for."""
+    workflows = await asyncio.to_thread(ctx.queries.list_workflows)
+    return render("_workflows_table.html", workflows=workflows)
 
 
 # ------------------------------------------------------------------ projections
