@@ -308,6 +308,7 @@ def test_cancel_ends_a_sleeping_run(page: Page, served: Served) -> None:
     page.get_by_role("button", name="Cancel run").click()
     expect(page.locator("#run-status")).to_contain_text("cancelled")
     expect(page.locator(".milestones")).to_contain_text("cancel requested: no longer needed")
+    expect(page.locator('#run .row[data-name="nap"] .status')).to_have_text("abandoned")
     expect(page.get_by_role("button", name="Cancel run")).to_have_count(0)
     shot(page, "run-cancelled")
 

@@ -129,12 +129,18 @@ def test_a_run_that_ends_mid_attempt_abandons_it_and_instant_steps_stay_visible(
         .add(0, "StepStarted", step="a", attempt=1, retry_policy=None)
         .add(0, "StepCompleted", step="a", attempt=1, output=None, compensable=False)
         .add(1, "StepStarted", step="b", attempt=1, retry_policy=None)
+        .add(1, "SleepStarted", name="nap", wake_at="2025-01-01T14:00:00+01:00")
         .add(2, "CancelRequested", reason="operator")
         .add(100, "RunCancelled", reason="operator")
     )
-    a, b = build_timeline(history.events, now=T0 + timedelta(hours=1)).bars
+    a, b, nap = build_timeline(history.events, now=T0 + timedelta(hours=1)).bars
     assert a.width == MIN_WIDTH
     assert (b.status, b.seconds) == ("abandoned", 99.0)
+    assert (nap.status, nap.seconds, nap.note) == (
+        "abandoned",
+        99.0,
+        "wakes at 2025-01-01 13:00:00 UTC",
+    )
 
 
 def test_no_history_is_an_empty_timeline() -> None:

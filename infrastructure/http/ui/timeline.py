@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from domain.values import JSON
 from infrastructure.http.models import HistoryEvent
@@ -168,7 +168,7 @@ class _Builder:
 
     def _ended(self, at: datetime, kind: str) -> None:
         self.finished_at = at
-        for bar in self.open_step.values():  # nothing runs on once the run has ended
+        for bar in self.bars:  # nothing runs, sleeps or waits on once the run has ended
             if bar.finished_at is None:
                 bar.finished_at, bar.status = at, "abandoned"
         self._mark(at, kind, _RUN_ENDS[kind])
@@ -223,7 +223,7 @@ class _Builder:
     # -------------------------------------------------------- sleeps, waits, children
     def _SleepStarted(self, at: datetime, d: dict[str, JSON]) -> None:  # noqa: N802
         name = str(d.get("name"))
-        bar = Bar("sleep", name, at, "sleeping", note=f"wakes at {d.get('wake_at')}")
+        bar = Bar("sleep", name, at, "sleeping", note=f"wakes at {_time(d.get('wake_at'))}")
         self.named[("sleep", name)] = self._bar(bar)
 
     def _TimerFired(self, at: datetime, d: dict[str, JSON]) -> None:  # noqa: N802
@@ -234,7 +234,7 @@ class _Builder:
     def _WaitStarted(self, at: datetime, d: dict[str, JSON]) -> None:  # noqa: N802
         name = str(d.get("name"))
         timeout = d.get("timeout_at")
-        note = f"for {d.get('event_name')}" + (f" until {timeout}" if timeout else "")
+        note = f"for {d.get('event_name')}" + (f" until {_time(timeout)}" if timeout else "")
         self.named[("wait", name)] = self._bar(Bar("wait", name, at, "waiting", note=note))
 
     def _EventReceived(self, at: datetime, d: dict[str, JSON]) -> None:  # noqa: N802
@@ -268,3 +268,14 @@ def _int(value: JSON) -> int:
 
 def _float(value: JSON) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _time(value: JSON) -> str:
+    """An ISO time as the UI shows times: to the second, in UTC."""
+    try:
+        when = datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
