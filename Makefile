@@ -7,7 +7,9 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install up down db-init demo serve bench fmt lint typecheck test test-unit check clean
 
-install: $(VENV)/.installed  ## create .venv and install ledgerflow with its dev tools
+CHROMIUM ?= /usr/bin/chromium
+
+install: $(VENV)/.installed $(CHROMIUM)  ## create .venv and install ledgerflow with its dev tools
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check hatchling editables
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[dev]'
 	@touch $@
+
+# The web UI's browser tests drive Debian's chromium: Playwright never downloads a browser.
+$(CHROMIUM):
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
 up:  ## make sure PostgreSQL and nats-server answer (start private ones if not)
 	@bash ops/up.sh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,8 @@ from ledgerflow.flow import type_hints, workflow_name
 
 T = TypeVar("T")
 MAX_ERROR_MESSAGE = 10_000
+MAX_TRACEBACK = 20_000
+"""Characters of a failure's traceback kept with it (its end: where it was raised)."""
 CLOCK_SKEW = timedelta(seconds=1)
 """How far this worker's clock may lag the scheduler's when it decides a retry is due."""
 
@@ -148,7 +151,13 @@ async def _bounded(name: str, awaitable: Awaitable[Any], limit: float) -> Any:
 
 
 def error_of(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)[:MAX_ERROR_MESSAGE]}
+    """The error a failed step or run records: its type, message and traceback."""
+    error = {"type": type(exc).__name__, "message": str(exc)[:MAX_ERROR_MESSAGE]}
+    trace = "".join(traceback.format_exception(exc))
+    if len(trace) > MAX_TRACEBACK:
+        trace = "...\n" + trace[-MAX_TRACEBACK:]
+    error["traceback"] = trace
+    return error
 
 
 class RunContext:

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import httpx
 
 from infrastructure.embedded.engine import Engine
 from infrastructure.embedded.queries import MemoryQueries
-from infrastructure.embedded.transport import EngineGateway, EngineTransport
+from infrastructure.embedded.transport import EngineGateway, EngineRebuilder, EngineTransport
 from infrastructure.http.app import create_app, serve_app
 from infrastructure.settings import Settings
 from ledgerflow.client import Client
@@ -63,6 +64,7 @@ async def embedded(
             queries=MemoryQueries(engine),
             store=engine.store,
             commands=EngineGateway(engine),
+            rebuilder=EngineRebuilder(engine),
         )
         tasks.append(
             asyncio.create_task(
@@ -139,3 +141,26 @@ def banner(dev: DevStack, settings: Settings, flows: Sequence[Flow]) -> list[str
         f'  ledgerflow {api}send order.confirmed --data \'{{"order_id": "A1"}}\'',
         "Ctrl-C stops it; runs carry on where they were when it starts again.",
     ]
+
+
+async def run_dev(
+    settings: Settings,
+    flows: Sequence[Flow],
+    starts: Sequence[tuple[str, Any]] = (),
+    *,
+    concurrency: int = 10,
+    say: Callable[[str], None] = print,
+) -> None:
+    """``ledgerflow dev``: run until SIGINT or SIGTERM, starting ``starts`` once up."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with embedded(settings, flows, concurrency=concurrency) as dev:
+        for line in banner(dev, settings, flows):
+            say(line)
+        for workflow, data in starts:
+            run_id = await dev.client.start(workflow, data)
+            say(f"started {workflow}: {dev.ui_url}runs/{run_id}")
+        await stop.wait()
+        say("stopping: runs in hand are handed back, and resume at the next start")

@@ -20,11 +20,19 @@ from psycopg_pool import ConnectionPool
 import ledgerflow
 from infrastructure.bootstrap import bootstrap
 from infrastructure.http.commands import NatsGateway
-from infrastructure.http.context import ApiContext, CommandGateway, Limits, Queries
+from infrastructure.http.context import (
+    ApiContext,
+    CommandGateway,
+    Limits,
+    Queries,
+    Rebuilder,
+)
 from infrastructure.http.errors import install_error_handlers
 from infrastructure.http.freshness import PositionWatcher
 from infrastructure.http.observe import ObserveRequests
+from infrastructure.http.rebuilder import PostgresRebuilder
 from infrastructure.http.routes import router
+from infrastructure.http.ui import install_ui
 from infrastructure.nats.connect import connect
 from infrastructure.nats.names import Names
 from infrastructure.postgres.queries import ReadModelQueries
@@ -45,18 +53,22 @@ def create_app(
     store: WorkflowRuns | None = None,
     nats_client: Client | None = None,
     commands: CommandGateway | None = None,
+    rebuilder: Rebuilder | None = None,
     **limits: float,
 ) -> FastAPI:
     """The API app. Its lifespan opens whatever is not passed in (a query pool, the event
     store, a NATS connection) and closes what it opened; what is passed in stays the
-    caller's. ``commands`` replaces NATS (the embedded engine of ``ledgerflow dev``).
+    caller's. ``commands`` replaces NATS and ``rebuilder`` the PostgreSQL rebuilds (the
+    embedded engine of ``ledgerflow dev`` passes both).
     ``limits`` are :class:`Limits` fields (``max_wait=0.2``...)."""
     bounds = Limits(**limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
-            ctx = await _open(stack, settings, bounds, queries, store, nats_client, commands)
+            ctx = await _open(
+                stack, settings, bounds, queries, store, nats_client, commands, rebuilder
+            )
             app.state.ledgerflow = ctx
             log.info("API ready (schema %s, nats %s)", settings.db_schema, settings.nats_url)
             yield
@@ -70,6 +82,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(ObserveRequests)
     app.include_router(router)
+    install_ui(app)
     app.openapi = _openapi_with_error_bodies(app)  # type: ignore[method-assign]
     return app
 
@@ -82,6 +95,7 @@ async def _open(
     store: WorkflowRuns | None,
     nats_client: Client | None,
     commands: CommandGateway | None,
+    rebuilder: Rebuilder | None,
 ) -> ApiContext:
     if queries is None:
         queries = await asyncio.to_thread(open_queries, settings, limits.db_timeout)
@@ -102,6 +116,10 @@ async def _open(
     read = queries.projection_positions
     watcher = PositionWatcher(lambda: asyncio.to_thread(read), interval=limits.poll_interval)
     stack.push_async_callback(watcher.close)
+    if rebuilder is None and settings.uses_postgres:
+        postgres = PostgresRebuilder(settings)
+        stack.push_async_callback(postgres.close)
+        rebuilder = postgres
     return ApiContext(
         settings=settings,
         limits=limits,
@@ -109,6 +127,7 @@ async def _open(
         store=store,
         commands=commands,
         watcher=watcher,
+        rebuilder=rebuilder,
     )
 
 

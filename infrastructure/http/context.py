@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Literal, Protocol
 from uuid import UUID
 
 from fastapi import Request
@@ -79,6 +80,31 @@ class CommandGateway(Protocol):
 
 
 @dataclass(frozen=True)
+class RebuildOutcome:
+    """How the last rebuild of a projection that a Rebuilder started went."""
+
+    projection: str
+    state: Literal["running", "done", "failed"]
+    started_at: datetime
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
+class Rebuilder(Protocol):
+    """Rebuilds a projection from the event store beside the live one (the UI's button)."""
+
+    async def rebuild(self, projection: str) -> None:
+        """Start rebuilding ``projection`` and return without waiting for it to finish;
+        raise ApiError ``not_found`` for an unknown projection, ``conflict`` when this
+        rebuilder is rebuilding it already."""
+        ...
+
+    def outcomes(self) -> Mapping[str, RebuildOutcome]:
+        """The last rebuild started here of each projection, by projection name."""
+        ...
+
+
+@dataclass(frozen=True)
 class ApiContext:
     settings: Settings
     limits: Limits
@@ -86,6 +112,8 @@ class ApiContext:
     store: WorkflowRuns
     commands: CommandGateway
     watcher: PositionWatcher
+    rebuilder: Rebuilder | None = None
+    """None where projections cannot be rebuilt from the API (the UI hides its button)."""
 
     async def fresh(self, projections: Iterable[str], min_position: int | None) -> None:
         """Wait until ``projections`` have applied ``min_position`` (read-your-writes)."""

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
@@ -409,7 +410,9 @@ def test_a_non_retryable_error_fails_the_run_at_once(settings: Settings) -> None
         assert step["error"] == {
             "type": "NonRetryableError",
             "message": "the card number is malformed",
+            "traceback": ANY,
         }
+        assert "NonRetryableError: the card number is malformed" in step["error"]["traceback"]
         assert CALLS == {"validate": 1}
         assert kinds(await stack.history(run_id)) == [
             "RunStarted",

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 
@@ -65,7 +66,14 @@ def test_a_step_past_its_timeout_is_abandoned_recorded_and_retried(
             assert run["steps"]["fetch"]["attempts"] == 2
             failures = [e for e in await stack.history(run_id) if type(e).__name__ == "StepFailed"]
             assert [(e.attempt, e.error) for e in failures] == [
-                (1, {"type": "StepTimeout", "message": "step 'fetch' took longer than 0.5 s"})
+                (
+                    1,
+                    {
+                        "type": "StepTimeout",
+                        "message": "step 'fetch' took longer than 0.5 s",
+                        "traceback": ANY,
+                    },
+                )
             ]
 
     asyncio.run(scenario())

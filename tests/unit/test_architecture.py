@@ -51,3 +51,16 @@ def test_the_core_touches_no_io_library_nor_infrastructure(package: str) -> None
         assert not tops & IO_LIBRARIES, f"{path.name} imports {tops & IO_LIBRARIES}"
         assert "infrastructure" not in tops, f"{path.name} imports infrastructure"
         assert not reads_environment(path), f"{path.name} reads the environment"
+
+
+def test_the_web_ui_uses_only_the_api_context_never_a_driver() -> None:
+    """The UI must work unchanged on any backend's ApiContext (PostgreSQL and NATS, or the
+    embedded one): it imports no driver, and from the PostgreSQL adapter only the models."""
+    drivers = {"psycopg", "psycopg_pool", "nats", "eventsourcing"}
+    for path, names in imports_of("infrastructure/http/ui").items():
+        tops = {name.split(".")[0] for name in names}
+        assert not tops & drivers, f"{path.name} imports {tops & drivers}"
+        adapters = {
+            n for n in names if n.startswith(("infrastructure.postgres", "infrastructure.nats"))
+        }
+        assert adapters <= {"infrastructure.postgres.queries"}, f"{path.name} imports {adapters}"

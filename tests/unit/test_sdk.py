@@ -6,6 +6,7 @@ import asyncio
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from pydantic import BaseModel
@@ -174,7 +175,11 @@ def test_a_failed_attempt_suspends_when_the_step_will_be_retried() -> None:
     with pytest.raises(Suspended):
         asyncio.run(ctx.step("a", boom))
     assert fake.names == ["start_step", "fail_step", "load_run"]
-    assert fake.sent[1][1]["error"] == {"type": "ConnectionError", "message": "down"}
+    error = fake.sent[1][1]["error"]
+    assert error == {"type": "ConnectionError", "message": "down", "traceback": ANY}
+    assert error["traceback"].startswith("Traceback (most recent call last):")
+    assert 'raise ConnectionError("down")' in error["traceback"]
+    assert error["traceback"].endswith("ConnectionError: down\n")
     assert fake.sent[1][1]["retryable"] is True
 
 
@@ -285,6 +290,7 @@ def test_an_async_attempt_past_its_timeout_is_cancelled_and_fails_with_step_time
     assert failed["error"] == {
         "type": "StepTimeout",
         "message": "step 'slow' took longer than 0.02 s",
+        "traceback": ANY,
     }
     assert failed["retryable"] is True and failed["attempt"] == 1
 
@@ -329,4 +335,5 @@ def test_an_attempt_within_its_timeout_completes_and_its_own_timeout_error_is_it
     assert fake.sent[3][1]["error"] == {
         "type": "TimeoutError",
         "message": "the bank did not answer",
+        "traceback": ANY,
     }
