@@ -151,6 +151,8 @@ class Engine:
         self.read_models = InMemoryReadModels()
         self.position = 0
         """Position of the last event the read models, scheduler and queues have seen."""
+        self.generation = 1
+        """Which build of the read models is live: each rebuild swaps in the next one."""
         self._scheduler_view = MemorySchedulerView()
         self._scheduler = Scheduler(self._scheduler_view)
         self._queues: dict[str, EmbeddedQueue] = {}
@@ -371,6 +373,7 @@ class Engine:
                 fresh.apply_all([r for r in records if r.position <= self.position], self._backfill)
                 after = records[-1].position
             self.read_models = fresh
+            self.generation += 1
             return after
 
 

@@ -139,7 +139,9 @@ class MemoryQueries:
     def projections(self) -> list[ProjectionStatus]:
         head = self.engine.position
         return [
-            ProjectionStatus(name, 1, position, head, max(head - position, 0), "live")
+            ProjectionStatus(
+                name, self.engine.generation, position, head, max(head - position, 0), "live"
+            )
             for name, position in self.engine.read_models.positions.items()
             if name in PROJECTIONS
         ]

@@ -1,7 +1,7 @@
-"""The web UI in a real browser (Debian's chromium, headless) on the real stack: the API
+"""The web UI in a real browser (Debian's chromium, headless) on each real backend: the API
 role served by uvicorn, with commands, relay, scheduler, projections and a worker over the
-real PostgreSQL and NATS. Each test looks at what an operator would; screenshots go to
-test-artifacts/ui/."""
+real PostgreSQL and NATS; and ``ledgerflow dev``'s embedded engine. Each test looks at what
+an operator would; screenshots go to test-artifacts/ui/<backend>/."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from infrastructure import projection_runner
+from infrastructure.embedded.dev import embedded
 from infrastructure.http import app as api
 from infrastructure.settings import Settings
 from ledgerflow import Flow, RetryPolicy, RunContext
+from services.clock import ManualClock
 from tests.integration.durable_stack import Stack, stack
 from tests.support import waiting
 from tests.support.isolation import isolated
@@ -45,6 +47,8 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
 WAIT_MS = 10_000
 """The longest the browser waits for anything to appear (the pages refresh every 2 s)."""
 expect.set_options(timeout=WAIT_MS)
+BACKEND = "postgres"
+"""The backend of the stack the tests are looking at (set by the ``served`` fixture)."""
 DEADLINE = 20.0
 """Seconds the stack gets to start, and any command or condition to be met."""
 
@@ -128,6 +132,12 @@ class Served:
 
     async def _serve(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        if self.settings.sqlite_path is not None:
+            async with embedded(self.settings, [flow], concurrency=4) as dev:
+                self._stack = Stack(dev.client, dev.engine.store, ManualClock())
+                self.ready.set()
+                await self._stop.wait()
+            return
         async with stack(self.settings, flow) as running:
             roles = [
                 asyncio.create_task(projection_runner.run(self.settings, self._stop)),
@@ -157,8 +167,19 @@ class Served:
         return answers
 
 
-@pytest.fixture(scope="module")
-def served(postgres_server_url: str) -> Iterator[Served]:
+@pytest.fixture(scope="module", params=["embedded", "postgres"], ids=["embedded", "postgres+nats"])
+def served(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Served]:
+    global BACKEND
+    BACKEND = request.param
+    if request.param == "embedded":
+        store = tmp_path_factory.mktemp("ui") / "dev.db"
+        settings = Settings(database_url=f"sqlite:///{store}", api_port=free_port())
+        with Served(settings) as running:
+            yield running
+        return
+    postgres_server_url = request.getfixturevalue("postgres_server_url")
     with (
         isolated(postgres_server_url, api_host="127.0.0.1", api_port=free_port()) as settings,
         Served(settings) as running,
@@ -191,8 +212,9 @@ def page(browser: Browser, served: Served) -> Iterator[Page]:
 
 
 def shot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    folder = ARTIFACTS / BACKEND
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 
 
 def until_status(served: Served, run_id: str, status: str) -> None:
