@@ -1,0 +1,1 @@
+"""Logs, traces and a metrics port for a ledgerflow process, set up from Settings."""
