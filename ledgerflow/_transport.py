@@ -17,9 +17,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from infrastructure.nats.names import HEADER_ORIGINATOR_ID, Names
+from infrastructure.nats.names import HEADER_ORIGINATOR_ID, HEADER_TRACEPARENT, Names
 from infrastructure.nats.requests import request
 from infrastructure.nats.streams import StreamLimits, ensure_stream, tasks_config
+from ledgerflow._telemetry import outgoing_headers
 from ledgerflow.errors import CommandError, error_for
 
 log = logging.getLogger("ledgerflow.transport")
@@ -45,7 +46,9 @@ class Transport:
         """Send one command; the reply body, or the refusal raised as an exception."""
         payload = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
         try:
-            msg = await request(self.nc, self.names.command(name), payload, self.timeout)
+            msg = await request(
+                self.nc, self.names.command(name), payload, self.timeout, headers=outgoing_headers()
+            )
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
             raise CommandError("unavailable", f"{name}: no reply from the command service") from e
         reply: dict[str, Any] = json.loads(msg.data)
@@ -98,6 +101,8 @@ class Task:
     queue: str
     position: int
     msg: Msg
+    traceparent: str | None = None
+    """The relay's trace context: the worker's spans continue the run's trace from it."""
 
     @classmethod
     def of(cls, msg: Msg) -> Task:
@@ -109,6 +114,7 @@ class Task:
             str(body["queue"]),
             int(body["position"]),
             msg,
+            (msg.headers or {}).get(HEADER_TRACEPARENT),
         )
 
     async def ack(self) -> None:

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from infrastructure.settings import Settings
+from ledgerflow._telemetry import in_task_scope
 from ledgerflow._transport import Task, TaskQueue, Transport
 from ledgerflow.context import (
     HandedBack,
@@ -148,7 +149,8 @@ class Worker:
                 self._held -= free
             for task in tasks:
                 self._held += 1
-                job = asyncio.create_task(self._hold(task), name=f"run-{task.run_id}")
+                held = in_task_scope(task, self._hold(task))  # logs and spans name the run
+                job = asyncio.create_task(held, name=f"run-{task.run_id}")
                 in_hand.add(job)
                 job.add_done_callback(in_hand.discard)
 
