@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 import nats
 import pytest
 from nats.aio.msg import Msg
@@ -19,6 +20,7 @@ from opentelemetry.trace import SpanKind
 
 from infrastructure import projection_runner
 from infrastructure.event_log import read_after
+from infrastructure.http.app import create_app
 from infrastructure.nats.names import Names
 from infrastructure.settings import Settings
 from infrastructure.telemetry.tracing import configure_tracing
@@ -240,3 +242,51 @@ def test_with_tracing_off_there_are_no_spans_and_no_new_headers_or_stored_keys(
     for message in published:
         assert set(message.headers or {}) <= TODAYS_EVENT_HEADERS, message.subject
     assert run_id
+
+
+def test_an_http_command_carries_the_callers_trace_on_to_the_command_service(
+    settings: Settings, exporter: InMemorySpanExporter
+) -> None:
+    caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    names = Names(settings.subject_prefix)
+
+    async def scenario() -> dict[str, str]:
+        forwarded: list[dict[str, str]] = []
+        nc = await nats.connect(settings.nats_url)
+
+        async def command_service(msg: Msg) -> None:  # answers as the real one would
+            forwarded.append(dict(msg.headers or {}))
+            await msg.respond(b'{"ok": true, "position": 1}')
+
+        app = create_app(settings)
+        try:
+            await nc.subscribe(names.command("cancel_run"), cb=command_service)
+            await nc.flush()
+            async with (
+                app.router.lifespan_context(app),
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://ledgerflow"
+                ) as http,
+            ):
+                body = {"run_id": "8876b3f9-0244-47d5-98b3-592b03833430"}
+                reply = await http.post(
+                    "/commands/cancel_run", json=body, headers={"traceparent": caller}
+                )
+                assert reply.status_code == 200, reply.text
+        finally:
+            await nc.close()
+        (headers,) = forwarded
+        return headers
+
+    headers = asyncio.run(scenario())
+    (request,) = named(list(exporter.get_finished_spans()), "POST /commands/{name}")
+    assert request.kind is SpanKind.SERVER
+    assert request.context is not None and request.parent is not None
+    assert (request.context.trace_id, request.parent.span_id) == (
+        0x0AF7651916CD43DD8448EB211C80319C,
+        0xB7AD6B7169203331,
+    )
+    assert (request.attributes or {})["http.response.status_code"] == 200
+    assert (
+        headers["traceparent"] == f"00-0af7651916cd43dd8448eb211c80319c-{span_id(request):016x}-01"
+    )
