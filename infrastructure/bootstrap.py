@@ -13,6 +13,7 @@ from infrastructure.postgres.scheduler_schema import init_scheduler
 from infrastructure.postgres.schema import PostgresParams, ensure_database
 from infrastructure.settings import Settings
 from infrastructure.sqlite.recorder import SQLiteCommandRecorder
+from infrastructure.telemetry.stamping import StampingMapper
 from services.clock import Clock
 from services.workflow_runs import WorkflowRuns
 
@@ -23,6 +24,7 @@ def event_store_env(settings: Settings, *, create_tables: bool = False) -> dict[
     In production the tables exist already (``ledgerflow db init`` made them), so the
     library is told not to create them lazily at start-up.
     """
+    mapper = get_topic(StampingMapper)  # trace context in stored events (ADR 11)
     if settings.sqlite_path is not None:
         return {
             "PERSISTENCE_MODULE": "eventsourcing.sqlite",
@@ -30,9 +32,10 @@ def event_store_env(settings: Settings, *, create_tables: bool = False) -> dict[
             "SQLITE_LOCK_TIMEOUT": "10",
             "CREATE_TABLE": "y",  # an embedded store makes its own tables on first use
             "APPLICATION_RECORDER_TOPIC": get_topic(SQLiteCommandRecorder),
+            "MAPPER_TOPIC": mapper,
         }
     if not settings.uses_postgres:
-        return {"PERSISTENCE_MODULE": "eventsourcing.popo"}
+        return {"PERSISTENCE_MODULE": "eventsourcing.popo", "MAPPER_TOPIC": mapper}
     params = PostgresParams.from_url(settings.database_url)
     return {
         "PERSISTENCE_MODULE": "eventsourcing.postgres",
@@ -47,6 +50,7 @@ def event_store_env(settings: Settings, *, create_tables: bool = False) -> dict[
         "POSTGRES_LOCK_TIMEOUT": "10",
         "CREATE_TABLE": "y" if create_tables else "n",
         "APPLICATION_RECORDER_TOPIC": get_topic(CommandLoggingRecorder),
+        "MAPPER_TOPIC": mapper,
     }
 
 

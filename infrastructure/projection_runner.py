@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar
 
@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from psycopg_pool import ConnectionPool
 
+from infrastructure import metrics
 from infrastructure.bootstrap import bootstrap
 from infrastructure.event_log import read_after
 from infrastructure.nats.connect import connect
@@ -27,13 +28,17 @@ from infrastructure.nats.streams import STREAM_NAME_IN_USE, StreamLimits, events
 from infrastructure.postgres import read_model_schema as s
 from infrastructure.postgres.read_models import (
     READ_BATCH,
+    BatchResult,
+    ProjectionStatus,
     Reader,
     ReadModelsMissingError,
     apply_batch,
     catch_up,
     open_pool,
+    projection_status,
 )
 from infrastructure.settings import Settings
+from infrastructure.telemetry.runs import RunCounter, read_model_lookup
 from projections.catalog import PROJECTIONS
 from projections.records import EventRecord
 from services.workflow_runs import WorkflowRuns
@@ -50,6 +55,9 @@ ACK_WAIT = 60.0
 """Seconds JetStream waits for an ack before redelivering (a batch takes far less)."""
 BUG_DELAY = 10.0
 """Seconds before trying again after an unexpected error (it is logged with its trace)."""
+
+LAG_INTERVAL = 2.0
+"""Seconds between two refreshes of the projection lag gauges."""
 
 MISSING = "the read-model tables are missing: run `ledgerflow db init`"
 
@@ -86,7 +94,12 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
                 for name, position in positions.items():
                     builder = ProjectionBuilder(name, settings.db_schema, names, js, pool, read)
                     builder.position = position
+                    if name == "runs":  # run-level counters: from the log, each event once
+                        builder.observe = RunCounter(
+                            read_model_lookup(pool, settings.db_schema)
+                        ).observe
                     group.create_task(builder.run(stop), name=f"projection-{name}")
+                group.create_task(_report_lag(pool, settings.db_schema, stop), name="lag")
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await nc.flush(timeout=5)  # the last acks leave before the connection closes
@@ -96,6 +109,30 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             await asyncio.to_thread(app.close)
         await asyncio.to_thread(pool.close)
     log.info("projections stopped")
+
+
+async def _report_lag(
+    pool: ConnectionPool[psycopg.Connection[Any]], schema: str, stop: asyncio.Event
+) -> None:
+    """Keep the lag gauges fresh, for a scrape of this process (the API reads its own)."""
+    while not stop.is_set():
+        try:
+            found = await asyncio.to_thread(_positions, pool, schema)
+        except TRANSIENT as error:
+            log.debug("lag not refreshed: %s", _say(error))
+        else:
+            for p in found:
+                metrics.STORE_HEAD.set(p.head)
+                if p.state == "live":
+                    metrics.PROJECTION_LAG.labels(projection=p.name).set(p.lag)
+        await _pause(stop, LAG_INTERVAL)
+
+
+def _positions(
+    pool: ConnectionPool[psycopg.Connection[Any]], schema: str
+) -> list[ProjectionStatus]:
+    with pool.connection() as conn:
+        return projection_status(conn, schema)
 
 
 def _live_positions(pool: ConnectionPool[psycopg.Connection[Any]], schema: str) -> dict[str, int]:
@@ -137,6 +174,8 @@ class ProjectionBuilder:
         self.durable = names.consumer(name)
         self.position = 0
         """The last position this process saw committed (others may be further on)."""
+        self.observe: Callable[[Sequence[EventRecord]], None] | None = None
+        """Told of the records each committed transaction applied (each record once)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         subscription: JetStreamContext.PullSubscription | None = None
@@ -241,9 +280,17 @@ class ProjectionBuilder:
             if first.prev_position > self.position + READ_BATCH:
                 # A large gap (purged stream): fill it in batches, not in one transaction.
                 self._caught_up(
-                    catch_up(conn, self.schema, self.name, self.read, until=first.prev_position)
+                    catch_up(
+                        conn,
+                        self.schema,
+                        self.name,
+                        self.read,
+                        until=first.prev_position,
+                        committed=self._committed,
+                    )
                 )
             result = apply_batch(conn, self.schema, self.name, records, self.read)
+        self._committed(result)
         self.position = max(self.position, result.position)
         if result.backfilled:
             self.logger.info(
@@ -261,8 +308,20 @@ class ProjectionBuilder:
         with self.pool.connection() as conn:
             if self.position >= s.store_head(conn, self.schema):
                 return
-            self._caught_up(catch_up(conn, self.schema, self.name, self.read))
+            self._caught_up(
+                catch_up(conn, self.schema, self.name, self.read, committed=self._committed)
+            )
             self.position = max(self.position, self._tracked(conn).position)
+
+    def _committed(self, result: BatchResult) -> None:
+        if not result.applied:
+            return
+        metrics.PROJECTION_APPLIED.labels(self.name).inc(result.applied)
+        if self.observe is not None:
+            try:
+                self.observe(result.records)
+            except Exception:  # telemetry must never stop a projection
+                self.logger.exception("%s: counting the applied records failed", self.name)
 
     def _caught_up(self, applied: int) -> None:
         if applied:

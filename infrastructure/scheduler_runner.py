@@ -19,6 +19,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from domain.errors import DomainError
+from infrastructure import metrics
 from infrastructure.bootstrap import bootstrap
 from infrastructure.event_log import read_after
 from infrastructure.nats.connect import connect
@@ -73,9 +74,18 @@ def sender(app: WorkflowRuns, batch_size: int) -> Send:
     def send(commands: Sequence[c.Command]) -> None:
         for start in range(0, len(commands), batch_size):
             chunk = commands[start : start + batch_size]
-            for command, result in zip(chunk, app.execute(chunk), strict=True):
+            appended = app.events_appended
+            results = app.execute(chunk)
+            metrics.EVENTS_APPENDED.inc(app.events_appended - appended)
+            for command, result in zip(chunk, results, strict=True):
                 if isinstance(result, DomainError):
-                    log.debug("%s refused (%s): %s", type(command).__name__, result.code, result)
+                    log.debug(
+                        "%s refused (%s): %s",
+                        type(command).__name__,
+                        result.code,
+                        result,
+                        extra={"run_id": getattr(command, "run_id", None)},
+                    )
 
     return send
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from infrastructure.settings import Settings
+from ledgerflow._telemetry import as_role
 
 log = logging.getLogger("ledgerflow.serve")
 
@@ -37,7 +38,8 @@ async def serve(settings: Settings, roles: Sequence[str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _stopping, stop, sig)
     tasks: dict[asyncio.Task[None], str] = {
-        asyncio.create_task(runner(role)(settings, stop), name=role): role for role in roles
+        asyncio.create_task(as_role(role, runner(role)(settings, stop)), name=role): role
+        for role in roles
     }
     log.info("serving %s (nats %s)", ", ".join(roles), settings.nats_url)
     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)

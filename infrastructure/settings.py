@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -27,6 +29,16 @@ class Settings(BaseSettings):
     """Requests larger than this are refused with ``too_large`` (1 MiB by default)."""
     max_command_batch: int = Field(default=200, ge=1, le=10_000)
     """At most this many commands are saved in one transaction (group commit)."""
+
+    # Telemetry (docs/observability.md)
+    log_format: Literal["auto", "json", "text"] = "auto"
+    """``auto``: text on a terminal, JSON lines otherwise."""
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    """Serve this process's Prometheus metrics on this port (off by default; the API role
+    serves them at its own /metrics anyway)."""
+    metrics_host: str = "127.0.0.1"
+    otel_exporter: Literal["none", "console", "otlp"] = "none"
+    """Where OpenTelemetry spans go; ``otlp`` reads ``OTEL_EXPORTER_OTLP_ENDPOINT``."""
 
     @field_validator("database_url")
     @classmethod

@@ -19,6 +19,8 @@ class Task(Protocol):
     reason: str
     queue: str
     position: int
+    traceparent: str | None
+    """The W3C trace context to continue the run's trace from (None: the run's root)."""
 
     async def ack(self) -> None: ...
 

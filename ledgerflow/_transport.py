@@ -17,10 +17,11 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from infrastructure.nats.names import HEADER_ORIGINATOR_ID, Names
+from infrastructure.nats.names import HEADER_ORIGINATOR_ID, HEADER_TRACEPARENT, Names
 from infrastructure.nats.requests import request
 from infrastructure.nats.streams import StreamLimits, ensure_stream, tasks_config
 from ledgerflow import _ports as ports
+from ledgerflow._telemetry import outgoing_headers
 from ledgerflow.errors import CommandError, checked
 
 log = logging.getLogger("ledgerflow.transport")
@@ -46,7 +47,9 @@ class Transport:
         """Send one command; the reply body, or the refusal raised as an exception."""
         payload = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
         try:
-            msg = await request(self.nc, self.names.command(name), payload, self.timeout)
+            msg = await request(
+                self.nc, self.names.command(name), payload, self.timeout, headers=outgoing_headers()
+            )
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
             raise CommandError("unavailable", f"{name}: no reply from the command service") from e
         return checked(json.loads(msg.data))
@@ -94,6 +97,8 @@ class Task:
     queue: str
     position: int
     msg: Msg
+    traceparent: str | None = None
+    """The relay's trace context: the worker's spans continue the run's trace from it."""
 
     @classmethod
     def of(cls, msg: Msg) -> Task:
@@ -105,6 +110,7 @@ class Task:
             str(body["queue"]),
             int(body["position"]),
             msg,
+            (msg.headers or {}).get(HEADER_TRACEPARENT),
         )
 
     async def ack(self) -> None:

@@ -256,21 +256,19 @@ def serve(
 ) -> None:
     """Run service roles (commands, relay, projections, api) until SIGTERM."""
     import asyncio
-    import logging
 
     from infrastructure.serve import ROLES
     from infrastructure.serve import serve as serve_roles
+    from infrastructure.telemetry import telemetry
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     settings = _settings()
     roles = list(ROLES) if Role.ALL in role else list(dict.fromkeys(r.value for r in role))
     from infrastructure.postgres.read_models import ReadModelsMissingError
     from infrastructure.postgres.scheduler_schema import SchedulerTablesMissingError
 
     try:
-        asyncio.run(serve_roles(settings, roles))
+        with telemetry(settings, role="serve", level=log_level):  # logs, traces, metrics port
+            asyncio.run(serve_roles(settings, roles))
     except OSError as e:  # unreachable NATS or database, a port already in use
         _fail("unavailable", str(e), Exit.UNAVAILABLE)
     except (ReadModelsMissingError, SchedulerTablesMissingError) as e:
@@ -289,15 +287,12 @@ def worker(
     """Run a worker for a flow's workflows until SIGTERM."""
     import asyncio
     import importlib
-    import logging
     import signal
 
+    from infrastructure.telemetry import telemetry
     from ledgerflow.flow import Flow
     from ledgerflow.worker import Worker
 
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     module_name, _, attribute = target.partition(":")
     try:
         flow = getattr(importlib.import_module(module_name), attribute or "flow")
@@ -316,8 +311,9 @@ def worker(
         await Worker(flow, settings, concurrency, ack_wait=ack_wait).run(stop)
 
     try:
-        asyncio.run(serve_flow())
-    except OSError as e:  # unreachable NATS
+        with telemetry(settings, role="worker", level=log_level):  # logs, traces, metrics port
+            asyncio.run(serve_flow())
+    except OSError as e:  # unreachable NATS, a metrics port in use
         _fail("unavailable", str(e), Exit.UNAVAILABLE)
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from domain.errors import InvalidStateError
 from domain.values import RetryPolicy
+from ledgerflow._telemetry import step_attempt
 from ledgerflow.errors import (
     ChildFailedError,
     NonRetryableError,
@@ -150,6 +151,15 @@ async def _bounded(name: str, awaitable: Awaitable[Any], limit: float) -> Any:
     return work.result()
 
 
+def _outcome(exc: Exception) -> str:
+    """A failed attempt's outcome, as the step metrics count it."""
+    if isinstance(exc, StepTimeout):
+        return "timed_out"
+    if isinstance(exc, NonRetryableError):
+        return "non_retryable"
+    return "failed"
+
+
 def error_of(exc: BaseException) -> dict[str, str]:
     """The error a failed step or run records: its type, message and traceback."""
     error = {"type": type(exc).__name__, "message": str(exc)[:MAX_ERROR_MESSAGE]}
@@ -273,16 +283,20 @@ class RunContext:
         self._check_may_start()
         attempt = (state["attempts"] if state else 0) + 1
         limit = step_timeout(timeout, self.snapshot)
-        await self._start_step(name, attempt, retry, status)
-        try:
-            value = await _attempt(name, fn, args, limit)
-        except Exception as e:
-            return await self._failed(name, attempt, e, returns)
-        output = encode(value)
-        compensable = compensate is not None
-        await self._command(
-            "complete_step", step=name, attempt=attempt, output=output, compensable=compensable
-        )
+        with step_attempt(self.run_id, self.workflow, name, attempt) as observed:
+            await self._start_step(name, attempt, retry, status)
+            observed.begin()
+            try:
+                value = await _attempt(name, fn, args, limit)
+            except Exception as e:
+                observed.end(_outcome(e))
+                return await self._failed(name, attempt, e, returns)
+            observed.end("completed")
+            output = encode(value)
+            compensable = compensate is not None
+            await self._command(
+                "complete_step", step=name, attempt=attempt, output=output, compensable=compensable
+            )
         if not isinstance(value, BaseModel):
             value = decode(output, returns)
         if compensate is not None:

@@ -14,6 +14,7 @@ from typing import Any
 from infrastructure.settings import Settings
 from ledgerflow import _transport
 from ledgerflow._ports import Task, TaskQueue, Transport
+from ledgerflow._telemetry import in_task_scope
 from ledgerflow.context import (
     HandedBack,
     Refused,
@@ -156,7 +157,8 @@ class Worker:
                 self._held -= free
             for task in tasks:
                 self._held += 1
-                job = asyncio.create_task(self._hold(task), name=f"run-{task.run_id}")
+                held = in_task_scope(task, self._hold(task))  # logs and spans name the run
+                job = asyncio.create_task(held, name=f"run-{task.run_id}")
                 in_hand.add(job)
                 job.add_done_callback(in_hand.discard)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any
@@ -10,7 +10,15 @@ from uuid import UUID
 
 from domain.values import JSON
 
-_ENVELOPE = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
+TRACEPARENT_KEY = "_traceparent"
+"""Where a stored event keeps the trace context of the command that appended it, if any.
+
+Metadata, not a field of the event: eventsourcing gives extra stored keys to the event
+object as attributes, and its mutators ignore them, so old and new events load alike.
+"""
+_ENVELOPE = frozenset(
+    {"originator_id", "originator_version", "timestamp", "originator_topic", TRACEPARENT_KEY}
+)
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,8 @@ class EventRecord:
     type: str  # "StepCompleted", ...
     timestamp: datetime
     data: dict[str, JSON]
+    traceparent: str | None = field(default=None, compare=False)
+    """The W3C trace context of the command that appended the event (not on the wire)."""
 
     @property
     def qualified_type(self) -> str:
@@ -74,6 +84,7 @@ def record_of(domain_event: object, position: int, prev_position: int) -> EventR
         type=kind,
         timestamp=state["timestamp"],
         data={k: jsonable(v) for k, v in state.items() if k not in _ENVELOPE},
+        traceparent=state.get(TRACEPARENT_KEY),
     )
 
 

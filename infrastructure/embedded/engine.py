@@ -15,8 +15,9 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -31,8 +32,10 @@ from infrastructure.nats.command_service import (
     parse_command,
     reply_body,
 )
+from infrastructure.nats.names import traceparent
 from infrastructure.nats.relay import TASK_DISPATCHED
 from infrastructure.settings import Settings
+from infrastructure.telemetry.runs import RunCounter
 from projections.memory import InMemoryReadModels
 from projections.records import EventRecord
 from services import commands as c
@@ -64,6 +67,7 @@ class Delivery:
     queue: str
     position: int
     _queue: EmbeddedQueue = field(repr=False)
+    traceparent: str | None = None
     _redeliver: asyncio.TimerHandle | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
 
@@ -98,7 +102,13 @@ class Delivery:
 
     def _again(self) -> Delivery:
         return Delivery(
-            self.run_id, self.dispatch, self.reason, self.queue, self.position, self._queue
+            self.run_id,
+            self.dispatch,
+            self.reason,
+            self.queue,
+            self.position,
+            self._queue,
+            self.traceparent,
         )
 
 
@@ -164,6 +174,7 @@ class Engine:
         self._moved = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._rebuilding = asyncio.Lock()
+        self._counter = RunCounter(self._known_runs)  # the run metrics, as projections count
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> None:
@@ -270,6 +281,8 @@ class Engine:
                 break
             for record in records:
                 commands.extend(self._see(record, live=live))
+            if live:  # history read back at start was counted by the process that wrote it
+                self._counter.observe(records)
             self.position = records[-1].position
             self._moved.set()
             self._moved = asyncio.Event()
@@ -294,6 +307,10 @@ class Engine:
                 ended.set()
         return commands
 
+    def _known_runs(self, run_ids: Collection[UUID]) -> dict[UUID, tuple[str, datetime]]:
+        rows = self.read_models.views.runs
+        return {i: (rows[i].workflow, rows[i].created_at) for i in run_ids if i in rows}
+
     def _backfill(self, after: int, until: int) -> list[EventRecord]:
         # Records come straight from the store in order: there is never a gap to fill.
         return [r for r in read_after(self.store, after, until - after) if r.position <= until]
@@ -308,6 +325,7 @@ class Engine:
                 queue=queue.queue,
                 position=record.position,
                 _queue=queue,
+                traceparent=traceparent(record.originator_id.hex, record.position),
             )
         )
 

@@ -38,6 +38,7 @@ from infrastructure.nats.names import Names
 from infrastructure.postgres.queries import ReadModelQueries
 from infrastructure.postgres.read_models import conninfo
 from infrastructure.settings import Settings
+from infrastructure.telemetry.asgi import TraceRequests
 from services.workflow_runs import WorkflowRuns
 
 log = logging.getLogger("ledgerflow.api")
@@ -81,6 +82,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(ObserveRequests)
+    app.add_middleware(TraceRequests)  # outermost: its span covers the whole request
     app.include_router(router)
     install_ui(app)
     app.openapi = _openapi_with_error_bodies(app)  # type: ignore[method-assign]

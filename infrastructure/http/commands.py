@@ -15,6 +15,7 @@ from infrastructure.http.errors import ApiError
 from infrastructure.nats.command_service import CommandError, parse_command
 from infrastructure.nats.names import Names
 from infrastructure.nats.requests import request
+from ledgerflow._telemetry import outgoing_headers
 
 log = logging.getLogger("ledgerflow.api")
 
@@ -70,7 +71,7 @@ async def forward(
         raise ApiError(e.code, e.message, e.details) from None
     subject = names.command(name)
     try:
-        reply = await request(nc, subject, payload, timeout)
+        reply = await request(nc, subject, payload, timeout, headers=outgoing_headers())
     except nats.errors.NoRespondersError:
         raise ApiError(
             "unavailable", f"no command service answers on {subject}; retry later"

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 import nats
 from eventsourcing.persistence import OperationalError as StoreOperationalError
@@ -24,6 +25,9 @@ from infrastructure import metrics
 from infrastructure.bootstrap import bootstrap
 from infrastructure.nats.names import Names
 from infrastructure.settings import Settings
+from infrastructure.telemetry.stamping import stamping
+from infrastructure.telemetry.tracing import CommandTrace, begin_command
+from ledgerflow._telemetry import TRACING, log_context
 from services import commands as c
 from services.workflow_runs import COMMANDS, Result, WorkflowRuns
 
@@ -86,6 +90,7 @@ class _Pending:
     command: c.Command
     msg: Msg
     arrived: float
+    trace: CommandTrace | None = None
 
 
 class CommandService:
@@ -144,7 +149,8 @@ class CommandService:
             ).inc()
             await _respond(msg, error_body(e.code, e.message, e.details))
             return
-        self._queue.put_nowait(_Pending(name, command, msg, arrived))
+        traced = begin_command(name, command, msg.headers) if TRACING.enabled else None
+        self._queue.put_nowait(_Pending(name, command, msg, arrived, traced))
 
     async def _apply_batches(self) -> None:
         while True:
@@ -154,8 +160,9 @@ class CommandService:
             try:
                 results = await self._execute(batch)
                 for pending, body in zip(batch, results, strict=True):
-                    self._observe(pending, body)
-                    await _respond(pending.msg, body)
+                    with log_context(_run_of(pending, body), _position_of(body)):
+                        self._observe(pending, body)
+                        await _respond(pending.msg, body)
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -166,8 +173,10 @@ class CommandService:
             return [unavailable] * len(batch)  # fail fast: don't queue behind a dead store
         metrics.COMMAND_BATCH_SIZE.observe(len(batch))
         appended = self.app.events_appended
+        stamps = _stamps(batch) if TRACING.enabled else {}
         try:
-            results = await asyncio.to_thread(self.app.execute, [p.command for p in batch])
+            with stamping(stamps):  # asyncio.to_thread runs in a copy of this context
+                results = await asyncio.to_thread(self.app.execute, [p.command for p in batch])
         except (StoreOperationalError, PgOperationalError) as e:
             log.warning("event store unavailable: %s", e)
             self._store_down_until = time.monotonic() + STORE_DOWN_SECONDS
@@ -186,6 +195,31 @@ class CommandService:
         metrics.COMMAND_SECONDS.labels(name=pending.name).observe(
             time.perf_counter() - pending.arrived
         )
+        if pending.trace is not None:
+            pending.trace.end(body)
+        log.debug("%s: %s", pending.name, outcome)
+
+
+def _stamps(batch: list[_Pending]) -> dict[UUID, str]:
+    """The events a traced command appends keep its span as their parent (the first
+    command of the batch on an aggregate, in the rare case of two)."""
+    return {
+        p.trace.target: traceparent
+        for p in reversed(batch)
+        if p.trace is not None
+        and p.trace.target is not None
+        and (traceparent := p.trace.traceparent) is not None
+    }
+
+
+def _run_of(pending: _Pending, body: dict[str, JSON]) -> object:
+    """The run (or inbound event) a command concerns, for its log lines."""
+    return getattr(pending.command, "run_id", None) or body.get("run_id") or body.get("event_id")
+
+
+def _position_of(body: dict[str, JSON]) -> int | None:
+    position = body.get("position")
+    return position if isinstance(position, int) else None
 
 
 async def _respond(msg: Msg, body: dict[str, JSON]) -> None:

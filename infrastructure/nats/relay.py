@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from psycopg.rows import TupleRow
 
 from infrastructure.bootstrap import bootstrap
 from infrastructure.event_log import head, read_after
-from infrastructure.metrics import RELAY_LAG
+from infrastructure.metrics import RELAY_ACTIVE, RELAY_LAG, RELAY_PUBLISHED
 from infrastructure.nats.connect import connect
 from infrastructure.nats.names import (
     HEADER_MSG_ID,
@@ -41,6 +42,8 @@ from infrastructure.nats.names import (
 from infrastructure.nats.streams import StreamLimits, ensure_streams
 from infrastructure.postgres.schema import PostgresParams
 from infrastructure.settings import Settings
+from infrastructure.telemetry.tracing import event_published
+from ledgerflow._telemetry import TRACING
 from projections.records import EventRecord
 from services.workflow_runs import WorkflowRuns
 
@@ -338,11 +341,13 @@ class Relay:
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(recorder.channel_name)))
             lease.watch()
             self.metrics.state = "active"
+            RELAY_ACTIVE.set(1)
             log.info("relay active for prefix %r (lock key %d)", self.names.prefix, self.lock_key)
             try:
                 yield lease
             finally:
                 self.metrics.state = "standby"
+                RELAY_ACTIVE.set(0)
         finally:
             await lease.release()
 
@@ -423,14 +428,26 @@ class Relay:
             await asyncio.wait(futures, timeout=self.ack_timeout)
         self.metrics.batches_total += 1
         all_stored = len(futures) == len(records)
+        acked_ns = time.time_ns()
+        published = 0
         for record, future in zip(records, futures, strict=False):
             if not future.done():
-                log.warning("no ack for position %d within %g s", record.position, self.ack_timeout)
+                log.warning(
+                    "no ack for position %d within %g s",
+                    record.position,
+                    self.ack_timeout,
+                    extra=_about(record),
+                )
                 all_stored = False
                 break
             error = future.exception()
             if error is not None:
-                log.warning("JetStream refused position %d: %s", record.position, error)
+                log.warning(
+                    "JetStream refused position %d: %s",
+                    record.position,
+                    error,
+                    extra=_about(record),
+                )
                 all_stored = False
                 break
             ack = future.result()
@@ -438,13 +455,19 @@ class Relay:
             self.metrics.last_published_position = record.position
             if ack.duplicate:
                 self.metrics.duplicates_total += 1
-            else:
-                self.metrics.published_total += 1
+                continue
+            self.metrics.published_total += 1
+            published += 1
+            if TRACING.enabled:
+                subject = self.names.event_subject(record.aggregate, record.type)
+                event_published(record, subject, acked_ns)
         inbox.forget(futures)
+        RELAY_PUBLISHED.labels("event").inc(published)
         log.debug(
             "published %d events up to position %d",
             len(futures),
             self.metrics.last_published_position,
+            extra={"position": self.metrics.last_published_position},
         )
         return all_stored
 
@@ -470,7 +493,9 @@ class Relay:
             return True
         await asyncio.wait(futures, timeout=self.ack_timeout)
         try:
-            stored = all(f.done() and f.exception() is None for f in futures)
+            acks = [f.result() for f in futures if f.done() and f.exception() is None]
+            RELAY_PUBLISHED.labels("task").inc(sum(1 for ack in acks if not ack.duplicate))
+            stored = len(acks) == len(futures)
             if not stored:
                 log.warning("a worker task was not stored; publishing the batch again")
             return stored
@@ -532,6 +557,11 @@ class Relay:
                 "prefix shared with another store? Delete the stream or use another prefix"
             )
         return _Cursor(position=position, seq=last.seq)
+
+
+def _about(record: EventRecord) -> dict[str, object]:
+    """Log fields of a line about one record."""
+    return {"run_id": str(record.originator_id), "position": record.position}
 
 
 async def _wait_any(*events: asyncio.Event, timeout: float) -> None:

@@ -24,6 +24,7 @@ async def request(
     timeout: float,
     *,
     grace: float = NO_RESPONDERS_GRACE,
+    headers: dict[str, str] | None = None,
 ) -> Msg:
     """``nc.request``, retried for up to ``grace`` seconds while nobody answers."""
     loop = asyncio.get_running_loop()
@@ -31,7 +32,7 @@ async def request(
     delay = 0.01
     while True:
         try:
-            return await nc.request(subject, payload, timeout=timeout)
+            return await nc.request(subject, payload, timeout=timeout, headers=headers)
         except nats.errors.NoRespondersError:
             if loop.time() + delay > deadline:
                 raise

@@ -67,6 +67,7 @@ class BatchResult:
     position: int  # the tracked position after the batch
     applied: int
     backfilled: int  # of the applied records, those read from the store to fill a gap
+    records: tuple[EventRecord, ...] = ()  # the applied ones, in order
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def apply_batch(
         position = todo[-1].position
         s.set_position(conn, schema, name, target.version, position)
     backfilled = sum(1 for r in todo if r.position not in delivered)
-    return BatchResult(name, target.version, position, len(todo), backfilled)
+    return BatchResult(name, target.version, position, len(todo), backfilled, tuple(todo))
 
 
 def catch_up(
@@ -171,9 +172,11 @@ def catch_up(
     until: int | None = None,
     batch_size: int = READ_BATCH,
     progress: Callable[[int], None] | None = None,
+    committed: Callable[[BatchResult], None] | None = None,
 ) -> int:
     """Apply the store's records after the tracked position (up to ``until``), one
-    transaction per ``batch_size`` records; the number applied."""
+    transaction per ``batch_size`` records; the number applied. ``committed`` is told of
+    each batch once its transaction has committed."""
     applied = 0
     while True:
         with conn.transaction():
@@ -189,6 +192,8 @@ def catch_up(
                 return applied
             result = apply_batch(conn, schema, name, records, read, version=target.version)
         applied += result.applied
+        if committed is not None:
+            committed(result)
         if progress is not None:
             progress(result.position)
 

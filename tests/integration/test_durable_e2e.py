@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from domain.errors import RunNotFoundError
 from domain.ids import run_id_for
 from infrastructure.settings import Settings
-from ledgerflow import Flow, RetryPolicy, RunContext
+from ledgerflow import Client, Flow, RetryPolicy, RunContext
 from services.clock import ManualClock
 from tests.integration.durable_stack import DEADLINE, everything
+from tests.support import waiting
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +54,19 @@ async def thank_you(ctx: RunContext, event: dict[str, Any]) -> str:
     return await ctx.step("mail", lambda: f"thanks for {event['order']}")
 
 
+def exists(client: Client, run_id: str) -> Callable[[], Awaitable[bool]]:
+    """The scheduler starts a triggered run after the event: it may not exist yet."""
+
+    async def check() -> bool:
+        try:
+            await client.get(run_id)
+        except RunNotFoundError:
+            return False
+        return True
+
+    return check
+
+
 @pytest.fixture
 def settings(backend_settings: Settings) -> Settings:
     """Every scenario here runs on the embedded engine and on PostgreSQL + NATS."""
@@ -84,6 +100,7 @@ def test_a_run_retries_sleeps_waits_invokes_and_triggers_through_the_real_schedu
             run = await client.get(run_id)
             announced = run["sent_events"]["announce"]
             thanks = str(run_id_for("thank_you", f"event:{announced}"))
+            await waiting.until(exists(client, thanks), "the triggered run", DEADLINE)
             assert await client.result(thanks, timeout=DEADLINE) == "thanks for o-1"
 
     asyncio.run(scenario())
