@@ -152,6 +152,7 @@ err_console = Console(stderr=True)
 class State:
     output: Output = Output.TABLE
     database_url: str | None = None
+    nats_url: str | None = None
     api_url: str | None = None
 
 
@@ -172,6 +173,14 @@ def _global(
             show_default=False,
         ),
     ] = None,
+    nats_url: Annotated[
+        str | None,
+        typer.Option(
+            help="NATS URL for serve and worker (default: $LEDGERFLOW_NATS_URL, "
+            "which is nats://127.0.0.1:4222)",
+            show_default=False,
+        ),
+    ] = None,
     database_url: Annotated[
         str | None,
         typer.Option(help="PostgreSQL URL (default: $LEDGERFLOW_DATABASE_URL)", show_default=False),
@@ -179,6 +188,7 @@ def _global(
 ) -> None:
     state.output = output
     state.api_url = api_url
+    state.nats_url = nats_url
     state.database_url = database_url
 
 
@@ -686,9 +696,12 @@ def serve(
     from infrastructure.postgres.read_models import ReadModelsMissingError
     from infrastructure.postgres.scheduler_schema import SchedulerTablesMissingError
 
+    # Every role needs both: say which one is missing now rather than retry it in a loop.
+    _require_database(settings)
+    _require_nats(settings)
     try:
         asyncio.run(serve_roles(settings, roles))
-    except OSError as e:  # unreachable NATS or database, a port already in use
+    except OSError as e:  # NATS or the database gone since, a port already in use
         _fail("unavailable", str(e), Exit.UNAVAILABLE)
     except (ReadModelsMissingError, SchedulerTablesMissingError) as e:
         _fail("unavailable", str(e), Exit.UNAVAILABLE, hint="`ledgerflow db init` creates them")
@@ -724,6 +737,7 @@ def worker(
     if not isinstance(flow, Flow):
         _fail("invalid_command", f"{target} is not a ledgerflow Flow", Exit.USAGE)
     settings = _settings()
+    _require_nats(settings)
 
     async def serve_flow() -> None:
         stop = asyncio.Event()
@@ -738,14 +752,62 @@ def worker(
         _fail("unavailable", str(e), Exit.UNAVAILABLE)
 
 
+START_NATS = (
+    "start it with `make up`, or point --nats-url or LEDGERFLOW_NATS_URL at a running nats-server"
+)
+
+
+def _require_nats(settings: Settings) -> None:
+    """Exit 3, naming the URL, if no NATS server answers at ``settings.nats_url``."""
+    import asyncio
+
+    from infrastructure.nats.connect import NatsUnavailableError, connect
+
+    async def probe() -> None:
+        nc = await connect(settings, name="ledgerflow-cli-probe")
+        await nc.close()
+
+    try:
+        asyncio.run(probe())
+    except NatsUnavailableError as e:
+        _fail("unavailable", str(e), Exit.UNAVAILABLE, hint=START_NATS)
+
+
+def _require_database(settings: Settings) -> None:
+    """Exit 3, naming the server and database, if PostgreSQL does not answer or lacks it."""
+    if not settings.uses_postgres:
+        return
+    import psycopg
+
+    from infrastructure.postgres.schema import PostgresParams
+
+    params = PostgresParams.from_url(settings.database_url)
+    try:
+        psycopg.connect(params.conninfo(), connect_timeout=settings.db_connect_timeout).close()
+    except psycopg.OperationalError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        missing = f'database "{params.dbname}" does not exist' in str(e)
+        _fail(
+            "unavailable",
+            f"cannot use PostgreSQL database {params.dbname} at {params.host}:{params.port}: "
+            f"{reason}",
+            Exit.UNAVAILABLE,
+            hint="create it with `ledgerflow db init`"
+            if missing
+            else "start it with `make up`, or point --database-url or LEDGERFLOW_DATABASE_URL "
+            "at a running server",
+        )
+
+
 def _settings() -> Settings:
     from pydantic import ValidationError
 
     from infrastructure.settings import Settings
 
     try:
-        overrides = {"database_url": state.database_url} if state.database_url else {}
-        return Settings(**overrides)  # type: ignore[arg-type]
+        overrides = {"database_url": state.database_url, "nats_url": state.nats_url}
+        given = {name: value for name, value in overrides.items() if value}
+        return Settings(**given)  # type: ignore[arg-type]
     except ValidationError as e:
         _fail("invalid_command", f"invalid settings: {e.errors()[0]['msg']}", Exit.USAGE)
         raise AssertionError("unreachable") from e

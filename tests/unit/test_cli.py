@@ -472,3 +472,27 @@ def test_send_cancel_and_retry_send_their_commands(api: FakeApi) -> None:
     ]
     assert api.bodies("/commands/cancel_run") == [{"run_id": RUN_ID, "reason": "dup"}]
     assert api.bodies("/commands/retry_run") == [{"run_id": RUN_ID}]
+
+
+# -- serve and worker: their dependencies ------------------------------------------------------
+
+
+def test_a_worker_with_no_nats_at_its_url_says_which_and_how_to_start_one() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    result = ledgerflow(
+        "-o", "json", "--nats-url", url, "worker", "tests.integration.worker_flows:flow"
+    )
+    assert result.exit_code == 3
+    assert f"cannot connect to NATS at {url}" in only_json(result)["error"]["message"]
+
+    human = ledgerflow("--nats-url", url, "worker", "tests.integration.worker_flows:flow")
+    assert human.exit_code == 3
+    assert "make up" in human.stderr
+
+
+def test_serve_with_no_database_at_its_url_says_which_and_how_to_start_one() -> None:
+    port = free_port()
+    result = ledgerflow("--database-url", f"postgresql://postgres@127.0.0.1:{port}/x", "serve")
+    assert result.exit_code == 3
+    err = flat(result.stderr)
+    assert f"127.0.0.1:{port}" in err and "make up" in err
