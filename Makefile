@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install up down db-init demo serve bench fmt lint typecheck test test-unit check clean
+.PHONY: install up down db-init demo serve bench cli-docs fmt lint typecheck test test-unit check clean
 
 install: $(VENV)/.installed  ## create .venv and install ledgerflow with its dev tools
 
@@ -36,6 +36,9 @@ bench: db-init  ## the benchmarks of docs/performance.md
 	$(BIN)/python -m benchmarks.commands --runs 5000 --keyed
 	$(BIN)/python -m benchmarks.rebuild --events 100000
 	$(BIN)/python -m benchmarks.workflows --sequential 100 --runs 500
+
+cli-docs: install  ## regenerate docs/cli.md from the CLI's command tree
+	$(BIN)/python -m ledgerflow.cli_docs
 
 fmt: install
 	$(BIN)/ruff format .
