@@ -32,18 +32,27 @@ CELL_CHARACTERS = 80
 """Longer JSON values are cut in tables; ``-o json`` has them whole."""
 
 
+def _table(*headers: str, title: str | None = None) -> Table:
+    """The CLI's tables: a rule under the header, no frame, one space between columns."""
+    found = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), title=title)
+    found.title_justify, found.title_style = "left", "bold"
+    for header in headers:
+        found.add_column(header)
+    return found
+
+
 def status(value: str | None) -> Text:
     """A status in its colour."""
     text = value or "-"
     return Text(text, style=STATUS_STYLES.get(text, ""))
 
 
-def when(timestamp: str | None, *, seconds: bool = False) -> str:
+def when(timestamp: str | None, *, minutes: bool = False) -> str:
     """An ISO timestamp as ``2026-11-24 16:31:46.095`` (in the zone the API gives)."""
     if not timestamp:
         return "-"
     day, _, time = timestamp.partition("T")
-    clock = time[: 8 if seconds else 12].rstrip("Z+")
+    clock = time[: 5 if minutes else 12].rstrip("Z+")
     return f"{day} {clock}" if time else timestamp
 
 
@@ -62,33 +71,31 @@ def failure(error: dict[str, Any] | None) -> str:
 
 
 def runs_table(page: dict[str, Any]) -> RenderableType:
-    """A page of ``GET /runs``, and how to get the next one."""
+    """A page of ``GET /runs``."""
     items: list[dict[str, Any]] = page.get("items", [])
     if not items:
         return Text("no runs", style="dim")
-    table = Table(box=box.SIMPLE_HEAD)
-    table.add_column("run id", no_wrap=True)  # whole, to be copied
-    table.add_column("workflow")
-    table.add_column("key")
-    table.add_column("status", no_wrap=True)
+    # Fits 80 columns: ids stay whole (to be copied); a run's key and error type go on a
+    # second line under its workflow and its status.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("run id", no_wrap=True, min_width=36)
+    table.add_column(_two("workflow", "key"), min_width=10, overflow="fold")
+    table.add_column(_two("status", "error"), no_wrap=True, max_width=12)  # "compensating"
     table.add_column("created", no_wrap=True)
-    table.add_column("updated", no_wrap=True)
-    table.add_column("error")
     for run in items:
-        table.add_row(
-            run["run_id"],
-            escape(run["workflow"]),
-            escape(run.get("key") or ""),
-            status(run["status"]),
-            when(run.get("created_at"), seconds=True),
-            when(run.get("updated_at"), seconds=True),
-            escape(run.get("error_type") or ""),
-        )
-    cursor = page.get("next_cursor")
-    if not cursor:
-        return table
-    more = Text(f"more: ledgerflow runs list --cursor {cursor}", style="dim")
-    return Group(table, more)
+        name = Text(run["workflow"])
+        if run.get("key"):
+            name.append("\n" + run["key"], style="dim")
+        state = status(run["status"])
+        if run.get("error_type"):
+            state.append("\n" + run["error_type"], style="dim")
+        table.add_row(run["run_id"], name, state, when(run.get("created_at"), minutes=True))
+    return table
+
+
+def _two(first: str, second: str) -> Text:
+    """A header over cells that hold a second, dim line."""
+    return Text.assemble((first, "bold"), "\n", (second, "dim"))
 
 
 def run_detail(run: dict[str, Any]) -> RenderableType:
@@ -122,14 +129,19 @@ def run_detail(run: dict[str, Any]) -> RenderableType:
 
 def history_table(history: dict[str, Any]) -> RenderableType:
     """``GET /runs/{id}/history``: every event of the run from the store."""
-    table = Table("position", "version", "event", "time", "data")
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("position", justify="right")
+    table.add_column("version", justify="right")
+    table.add_column("event", no_wrap=True)
+    table.add_column("time")
+    table.add_column("data", overflow="fold", ratio=1)
     for event in history.get("events", []):
         table.add_row(
             str(event["position"]),
             str(event["version"]),
             escape(event["type"]),
             when(event.get("timestamp")),
-            escape(compact(event.get("data"))),
+            escape(compact(event.get("data"), 400)),
         )
     return table
 
@@ -138,8 +150,9 @@ def _steps(run: dict[str, Any]) -> Table | None:
     steps: list[dict[str, Any]] = run.get("steps", [])
     if not steps:
         return None
-    table = Table("step", "status", "attempts", "started", "finished", "output / error")
-    table.title, table.title_justify = "steps", "left"
+    table = _table(
+        "step", "status", "attempts", "started", "finished", "output / error", title="steps"
+    )
     for step in steps:
         outcome = (
             Text(failure(step["error"]), style="red")
@@ -161,8 +174,7 @@ def _sleeps(run: dict[str, Any]) -> Table | None:
     sleeps: list[dict[str, Any]] = run.get("sleeps", [])
     if not sleeps:
         return None
-    table = Table("sleep", "wakes at", "fired at")
-    table.title, table.title_justify = "sleeps", "left"
+    table = _table("sleep", "wakes at", "fired at", title="sleeps")
     for sleep in sleeps:
         table.add_row(escape(sleep["name"]), when(sleep["wake_at"]), when(sleep.get("fired_at")))
     return table
@@ -172,8 +184,7 @@ def _waits(run: dict[str, Any]) -> Table | None:
     waits: list[dict[str, Any]] = run.get("waits", [])
     if not waits:
         return None
-    table = Table("wait", "event", "match", "outcome", "times out", "event id")
-    table.title, table.title_justify = "waits", "left"
+    table = _table("wait", "event", "match", "outcome", "times out", "event id", title="waits")
     for wait in waits:
         table.add_row(
             escape(wait["name"]),
@@ -190,8 +201,7 @@ def _children(run: dict[str, Any]) -> Table | None:
     children: list[dict[str, Any]] = run.get("children", [])
     if not children:
         return None
-    table = Table("child", "workflow", "run id", "outcome", "output / error")
-    table.title, table.title_justify = "children", "left"
+    table = _table("child", "workflow", "run id", "outcome", "output / error", title="children")
     for child in children:
         result = failure(child.get("error")) or compact(child.get("output"))
         table.add_row(
@@ -208,8 +218,7 @@ def _sent(run: dict[str, Any]) -> Table | None:
     sent: list[dict[str, Any]] = run.get("sent_events", [])
     if not sent:
         return None
-    table = Table("sent", "event", "event id", "at")
-    table.title, table.title_justify = "sent events", "left"
+    table = _table("sent", "event", "event id", "at", title="sent events")
     for event in sent:
         table.add_row(
             escape(event["name"]),

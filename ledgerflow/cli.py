@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -416,6 +417,12 @@ def runs_list(
             )
         )
     _emit(page, runs_table(page))
+    if state.output is Output.TABLE and page.get("next_cursor"):
+        given = {"--workflow": workflow, "--status": status, "--limit": limit}
+        again = [f"{option} {shlex.quote(str(v))}" for option, v in given.items() if v is not None]
+        command = " ".join(["ledgerflow runs list", *again, "--cursor", page["next_cursor"]])
+        # soft_wrap: never cut, so that the command can be copied in one piece
+        console.print(f"more: {escape(command)}", style="dim", soft_wrap=True, highlight=False)
 
 
 @runs_app.command("show")

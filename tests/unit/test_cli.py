@@ -418,8 +418,33 @@ def test_runs_list_passes_its_filters_and_shows_a_page(api: FakeApi) -> None:
 
     human = ledgerflow(*args)
     assert human.exit_code == 0
-    for text in (RUN_ID, "greet", "k-1", "failed", "ValueError", "--cursor abc"):
+    for text in (RUN_ID, "greet", "k-1", "failed", "ValueError"):
         assert text in human.stdout
+    next_page = "ledgerflow runs list --workflow greet --status failed --limit 1 --cursor abc"
+    assert f"more: {next_page}" in human.stdout
+
+
+def test_runs_list_keeps_run_ids_whole_in_80_columns(
+    api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    summary = {
+        "run_id": RUN_ID,
+        "workflow": "a_workflow_with_a_long_name",
+        "key": "customer-1234567890",
+        "status": "compensating",
+        "error_type": "StepFailedError",
+        "created_at": "2026-11-24T10:00:00.123456+00:00",
+        "updated_at": "2026-11-24T10:00:01Z",
+        "parent_run_id": None,
+    }
+    api.on("GET", "/runs", httpx.Response(200, json={"items": [summary], "next_cursor": None}))
+    monkeypatch.setattr(cli, "console", Console(width=80))
+
+    human = ledgerflow("runs", "list")
+    assert human.exit_code == 0
+    assert RUN_ID in human.stdout
+    assert "compensating" in human.stdout and "2026-11-24 10:00" in human.stdout
+    assert max(len(line) for line in human.stdout.splitlines()) <= 80
 
 
 def test_runs_show_and_history_print_the_api_body_or_tables(api: FakeApi) -> None:
