@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install up down db-init demo serve bench fmt lint typecheck test test-unit check clean
+.PHONY: install up down db-init dev demo serve bench cli-docs fmt lint typecheck test test-unit check clean
 
 CHROMIUM ?= /usr/bin/chromium
 
@@ -32,6 +32,11 @@ down:  ## stop only what `make up` started
 db-init: install up  ## create the database and the event-store tables
 	$(BIN)/ledgerflow db init
 
+# The first command of the README: no servers needed; the UI shows the finished run.
+DEV_START ?= greet={"name": "newcomer"}
+dev: install  ## ledgerflow in one process (embedded store): the examples, a first run, the UI on :8080
+	$(BIN)/ledgerflow dev examples.quickstart examples.orders --start '$(DEV_START)'
+
 demo: install up  ## a workflow written with the SDK, run by a worker and the service
 	$(BIN)/python examples/workflow_tour.py
 
@@ -43,6 +48,9 @@ bench: db-init  ## the benchmarks of docs/performance.md
 	$(BIN)/python -m benchmarks.commands --runs 5000 --keyed
 	$(BIN)/python -m benchmarks.rebuild --events 100000
 	$(BIN)/python -m benchmarks.workflows --sequential 100 --runs 500
+
+cli-docs: install  ## regenerate docs/cli.md from the CLI's command tree
+	$(BIN)/python -m ledgerflow.cli_docs
 
 fmt: install
 	$(BIN)/ruff format .

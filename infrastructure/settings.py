@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     )
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8080, ge=1, le=65535)
+    api_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+")
+    """Where clients (the CLI) find the API; by default ``http://{api_host}:{api_port}``."""
     db_pool_size: int = Field(default=5, ge=1, le=200)
     db_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     db_connect_timeout: int = Field(default=2, ge=1, le=60)
@@ -48,6 +50,18 @@ class Settings(BaseSettings):
         if url.startswith("sqlite:///") and not url.removeprefix("sqlite:///"):
             raise ValueError("sqlite:/// needs a file path, e.g. sqlite:///.ledgerflow/dev.db")
         return url
+
+    @property
+    def api_client_url(self) -> str:
+        """The API's URL for a client on this machine: ``api_url``, else host and port."""
+        if self.api_url is not None:
+            return self.api_url.rstrip("/")
+        host = self.api_host
+        if host in ("", "0.0.0.0", "::"):  # listening everywhere: this machine is one of them
+            host = "127.0.0.1"
+        elif ":" in host:  # an IPv6 address
+            host = f"[{host}]"
+        return f"http://{host}:{self.api_port}"
 
     @property
     def uses_postgres(self) -> bool:
