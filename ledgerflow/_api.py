@@ -122,6 +122,20 @@ class Api:
         """A run with its steps; ApiError ``run_not_found`` when there is none."""
         return self._call("GET", f"/runs/{run_id}", params={"min_position": min_position})
 
+    def projections(self) -> list[dict[str, Any]]:
+        """Each projection's position, the store's head, the lag and its state."""
+        found: list[dict[str, Any]] = self._request("GET", "/projections", listing=True)
+        return found
+
+    def rebuild(self, projection: str) -> dict[str, Any]:
+        """Start rebuilding ``projection`` in the API's process (``ledgerflow dev``'s
+        in-memory read models, or PostgreSQL's beside the live version)."""
+        return self._call("POST", f"/projections/{projection}/rebuild")
+
+    def rebuild_outcome(self, projection: str) -> dict[str, Any]:
+        """How the last rebuild of ``projection`` started through the API went."""
+        return self._call("GET", f"/projections/{projection}/rebuild")
+
     def run_history(self, run_id: str) -> dict[str, Any]:
         """Every event of a run from the event store: ``{"events": [...]}``."""
         return self._call("GET", f"/runs/{run_id}/history")
@@ -168,6 +182,18 @@ class Api:
         params: dict[str, Any] | None = None,
         json: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        body: dict[str, Any] = self._request(method, path, params=params, json=json)
+        return body
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: dict[str, Any] | None = None,
+        listing: bool = False,
+    ) -> Any:
         query = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             response = self._http.request(method, path, params=query, json=json)
@@ -182,15 +208,18 @@ class Api:
             ) from e
         except httpx.TransportError as e:
             raise ApiUnreachableError(self.base_url, _reason(e)) from e
-        return _body(response)
+        return _body(response, listing=listing)
 
 
-def _body(response: httpx.Response) -> dict[str, Any]:
-    """The JSON body of a 2xx answer; the error body of any other, raised as ApiError."""
+def _body(response: httpx.Response, *, listing: bool = False) -> Any:
+    """The JSON body of a 2xx answer (an object, or a list where ``listing``); the error
+    body of any other, raised as ApiError."""
     try:
         body = response.json()
     except ValueError:
         body = None
+    if listing and response.is_success and isinstance(body, list):
+        return body
     where = f"{response.request.method} {response.request.url}"
     if not isinstance(body, dict):
         raise ApiError(

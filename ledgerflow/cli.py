@@ -560,21 +560,35 @@ def db_init() -> None:
     )
 
 
+VIA_API = typer.Option(
+    "--api",
+    help="ask the API (--api-url) instead of the database: what `ledgerflow dev` needs, "
+    "whose read models live in its process",
+)
+
+
 @projections_app.command("status")
-def projections_status() -> None:
+def projections_status(via_api: Annotated[bool, VIA_API] = False) -> None:
     """Every projection's position, the store's head, and the lag between them."""
     from rich.table import Table
 
-    from infrastructure.postgres.read_models import status
+    if via_api:
+        with _api() as api:
+            rows: list[dict[str, Any]] = _call(api.projections)
+    else:
+        from infrastructure.postgres.read_models import status
 
-    rows = _with_database(status)
+        rows = [vars(row) for row in _with_database(status)]
     if state.output is Output.JSON:
-        sys.stdout.write(json.dumps([vars(row) for row in rows]) + "\n")
+        sys.stdout.write(json.dumps(rows) + "\n")
         return
     table = Table("projection", "version", "position", "head", "lag", "state")
     for row in rows:
-        lag = f"[green]{row.lag}[/]" if row.lag == 0 else f"[yellow]{row.lag}[/]"
-        table.add_row(row.name, str(row.version), str(row.position), str(row.head), lag, row.state)
+        lag = f"[green]{row['lag']}[/]" if row["lag"] == 0 else f"[yellow]{row['lag']}[/]"
+        version = str(row.get("version", "-"))
+        table.add_row(
+            row["name"], version, str(row["position"]), str(row["head"]), lag, row["state"]
+        )
     console.print(table)
 
 
@@ -582,6 +596,10 @@ def projections_status() -> None:
 def projections_rebuild(
     name: Annotated[str | None, typer.Argument(help="runs, workflows or inbound_events")] = None,
     every: Annotated[bool, typer.Option("--all", help="rebuild every projection")] = False,
+    via_api: Annotated[bool, VIA_API] = False,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="with --api: seconds to wait for the rebuild")
+    ] = 600.0,
 ) -> None:
     """Build a projection anew from the event store beside the live one, then swap it in."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -595,6 +613,9 @@ def projections_rebuild(
         names = projection_names(None if every else name)
     except UnknownProjectionError as e:
         _fail("invalid_command", str(e), Exit.USAGE)
+        return
+    if via_api:
+        _rebuild_through_api(names, timeout)
         return
     with Progress(
         TextColumn("{task.description:<16}"),
@@ -627,6 +648,30 @@ def projections_rebuild(
         "\n".join(
             f"rebuilt [bold]{d['name']}[/] up to {d['position']} in {d['seconds']} s" for d in done
         ),
+    )
+
+
+def _rebuild_through_api(names: list[str], timeout: float) -> None:
+    """Start each rebuild in the API's process, one after the other, and wait for it."""
+    from functools import partial
+
+    done = []
+    with _api() as api:
+        for name in names:
+            started = time.monotonic()
+            outcome = _call(partial(api.rebuild, name))
+            while outcome["state"] == "running":
+                if time.monotonic() - started > timeout:
+                    _fail("timeout", f"rebuilding {name} took over {timeout:g} s", Exit.TIMEOUT)
+                time.sleep(0.2)
+                outcome = _call(partial(api.rebuild_outcome, name))
+            if outcome["state"] == "failed":
+                _fail("internal", f"rebuilding {name} failed: {outcome['error']}", Exit.FAILED)
+            seconds = round(time.monotonic() - started, 3)
+            done.append({"name": name, "seconds": seconds})
+    _emit(
+        {"ok": True, "rebuilt": done},
+        "\n".join(f"rebuilt [bold]{d['name']}[/] in {d['seconds']} s" for d in done),
     )
 
 

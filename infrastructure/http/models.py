@@ -36,6 +36,15 @@ class ProjectionInfo(_Model):
     state: str
 
 
+class RebuildInfo(_Model):
+    ok: Literal[True] = True
+    projection: str
+    state: Literal["running", "done", "failed"]
+    started_at: datetime
+    finished_at: datetime | None = None
+    error: str | None = None
+
+
 class Health(_Model):
     ok: Literal[True] = True
     checks: dict[str, str]

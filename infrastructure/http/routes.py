@@ -18,7 +18,13 @@ from infrastructure.http.commands import read_body
 from infrastructure.http.context import ApiContext, api_context
 from infrastructure.http.errors import RETRY_AFTER_SECONDS, ApiError, error_response, status_of
 from infrastructure.http.history import run_history
-from infrastructure.http.models import ErrorBody, Health, ProjectionInfo, RunHistory
+from infrastructure.http.models import (
+    ErrorBody,
+    Health,
+    ProjectionInfo,
+    RebuildInfo,
+    RunHistory,
+)
 from infrastructure.postgres.queries import (
     MAX_LIMIT,
     InboundEventDetail,
@@ -154,6 +160,49 @@ async def list_projections(ctx: Context, min_position: MinPosition = None) -> li
         ProjectionInfo(name=p.name, position=p.position, head=p.head, lag=p.lag, state=p.state)
         for p in found
     ]
+
+
+@router.post(
+    "/projections/{name}/rebuild",
+    response_model=RebuildInfo,
+    status_code=202,
+    tags=["operations"],
+    responses=_errors(404, 409, 503),
+)
+async def start_rebuild(ctx: Context, name: str) -> RebuildInfo:
+    """Rebuild projection ``name`` from the event store beside the live one, then swap it
+    in; answers at once (202). `GET` the same path for the outcome."""
+    if ctx.rebuilder is None:
+        raise ApiError("unavailable", "this API cannot rebuild projections")
+    await ctx.rebuilder.rebuild(name)
+    return _rebuild_info(ctx, name)
+
+
+@router.get(
+    "/projections/{name}/rebuild",
+    response_model=RebuildInfo,
+    tags=["operations"],
+    responses=_errors(404, 503),
+)
+async def get_rebuild(ctx: Context, name: str) -> RebuildInfo:
+    """The last rebuild of projection ``name`` started through this API process."""
+    if ctx.rebuilder is None:
+        raise ApiError("unavailable", "this API cannot rebuild projections")
+    return _rebuild_info(ctx, name)
+
+
+def _rebuild_info(ctx: ApiContext, name: str) -> RebuildInfo:
+    assert ctx.rebuilder is not None
+    outcome = ctx.rebuilder.outcomes().get(name)
+    if outcome is None:
+        raise ApiError("not_found", f"no rebuild of {name!r} was started here")
+    return RebuildInfo(
+        projection=outcome.projection,
+        state=outcome.state,
+        started_at=outcome.started_at,
+        finished_at=outcome.finished_at,
+        error=outcome.error,
+    )
 
 
 @router.get(

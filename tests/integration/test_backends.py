@@ -194,3 +194,27 @@ def test_bad_input_gets_a_structured_error_and_changes_nothing(backend_settings:
         assert [p["head"] for p in after] == [p["head"] for p in before]
 
     on_api(backend_settings, scenario)
+
+
+def test_a_projection_rebuilt_through_the_api_still_has_every_run(
+    backend_settings: Settings,
+) -> None:
+    async def scenario(http: httpx.AsyncClient) -> None:
+        reply = await command(http, "start_run", {"workflow": "greet", "input": {"name": "bo"}})
+        before = await ended(http, reply["run_id"])
+        started = await http.post("/projections/runs/rebuild")
+        assert started.status_code == 202, started.text
+        assert started.json()["state"] in {"running", "done"}
+
+        async def rebuilt() -> bool:
+            outcome = (await http.get("/projections/runs/rebuild")).json()
+            assert outcome["state"] != "failed", outcome
+            return bool(outcome["state"] == "done")
+
+        await waiting.until(rebuilt, "the rebuild", DEADLINE)
+        after = (await http.get(f"/runs/{reply['run_id']}")).json()
+        assert after == before
+        unknown = await http.post("/projections/nope/rebuild")
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "not_found")
+
+    on_api(backend_settings, scenario)

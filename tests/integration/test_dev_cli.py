@@ -118,6 +118,16 @@ def test_make_devs_first_run_finishes_and_shows_in_the_ui_and_survives_a_restart
     assert [r["run_id"] for r in json.loads(listed.stdout)["items"]] == [run_id]
     started = dev.cli("-o", "json", "start", "greet", "--input", '{"name": "cli"}', "--wait")
     assert started.returncode == 0, started.stderr
+    status = dev.cli("-o", "json", "projections", "status", "--api")
+    assert status.returncode == 0, status.stderr
+    assert {p["name"]: p["lag"] for p in json.loads(status.stdout)}["runs"] == 0
+    rebuilt = dev.cli("-o", "json", "projections", "rebuild", "--all", "--api")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert [r["name"] for r in json.loads(rebuilt.stdout)["rebuilt"]] == [
+        "runs",
+        "workflows",
+        "inbound_events",
+    ]
     assert dev.stop() == 0
 
     again = start_dev("examples.quickstart")
