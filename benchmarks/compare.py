@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SYSTEMS = ("ledgerflow", "dbos")
@@ -33,6 +33,8 @@ class Window:
     """Transactions other databases of the server committed meanwhile: noise in xids and WAL."""
     loadavg: tuple[float, float, float]
     """The 1, 5 and 15 minute load averages when the window closed."""
+    cpu_by_process: dict[str, float] = field(default_factory=dict)
+    """``cpu`` by process (ledgerflow: serve, worker, client)."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,19 @@ def median_figures(rounds: Sequence[Figures]) -> Figures:
     if not rounds:
         raise ValueError("no rounds")
     medians: dict[str, float | None] = {}
-    for field in fields(Figures):
-        values = [getattr(f, field.name) for f in rounds]
-        medians[field.name] = None if None in values else statistics.median(values)
+    for figure in fields(Figures):
+        values = [getattr(f, figure.name) for f in rounds]
+        medians[figure.name] = None if None in values else statistics.median(values)
     return Figures(**medians)  # type: ignore[arg-type]
+
+
+def cpu_ms_per_run_by_process(windows: Sequence[Window]) -> dict[str, float]:
+    """Each process's CPU ms per run, median over the rounds' windows."""
+    names = sorted({name for w in windows for name in w.cpu_by_process})
+    return {
+        name: statistics.median(w.cpu_by_process.get(name, 0.0) / w.runs * 1000 for w in windows)
+        for name in names
+    }
 
 
 def ratio(ours: float | None, theirs: float | None) -> float | None:

@@ -16,9 +16,12 @@ plus the server's background processes) and nats-server's. The figures are media
 rounds; the ratios ledgerflow/DBOS are set against issue 6's targets, with a rebuild of
 every projection on ``--rebuild-events`` events (benchmarks.rebuild, ledgerflow only).
 
-The PostgreSQL server and nats-server may be shared with other work: each window counts the
-transactions other databases committed meanwhile (``foreign``), which inflate its write
-transactions and WAL, and the load average when it closed.
+The PostgreSQL server (LEDGERFLOW_DATABASE_URL's) and nats-server may be shared with other
+work: each window counts the transactions other databases committed meanwhile (``foreign``),
+which inflate its write transactions and WAL, and the load average when it closed.
+``--private-postgres`` runs both systems on a PostgreSQL 15 of this invocation's own instead
+(initdb defaults: fsync and synchronous_commit on, 128MB shared buffers), so that transaction
+ids and WAL are theirs alone.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,6 +55,7 @@ from benchmarks.compare import (
     WORKLOADS,
     Figures,
     Window,
+    cpu_ms_per_run_by_process,
     figures,
     lsn_bytes,
     markdown_table,
@@ -60,6 +65,7 @@ from benchmarks.compare import (
 from benchmarks.workflows import cpu_by_pid, pid_listening, running_ledgerflow
 from infrastructure.postgres.schema import PostgresParams, drop_database, ensure_database
 from infrastructure.settings import Settings
+from tests.support.servers import PrivatePostgres
 
 FULL = {"sequential": 500, "runs": 2000, "long_runs": 200, "burst": 5000, "rebuild": 100_000}
 QUICK = {"sequential": 50, "runs": 200, "long_runs": 20, "burst": 300, "rebuild": 10_000}
@@ -67,6 +73,25 @@ POLL = 0.05
 """Seconds between two looks at the burst's completed count."""
 SETTLE_TIMEOUT = 120.0
 """Seconds ledgerflow's projections get to catch up at the end of a window."""
+
+
+class BenchPostgres(PrivatePostgres):
+    """A private server with PostgreSQL's default sizes (the test servers are made smaller)."""
+
+    def _initialise(self) -> None:
+        super()._initialise()
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write("shared_buffers = '128MB'\nmax_connections = 100\n")  # last one wins
+
+
+@contextlib.contextmanager
+def postgres_server(private: bool) -> Iterator[Settings]:
+    """Settings naming the server to use: the environment's, or a private one."""
+    if not private:
+        yield Settings()
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-pg-") as work, BenchPostgres(Path(work)) as pg:
+        yield Settings(database_url=pg.url)
 
 
 def loadavg() -> tuple[float, float, float]:
@@ -80,7 +105,7 @@ class Sample:
     xid: int
     wal: int
     foreign: int
-    own_cpu: float
+    own_cpu: dict[str, float]
     postgres_cpu: dict[int, float]
     nats_cpu: float | None
 
@@ -93,11 +118,11 @@ class Meter:
     handed out) does not take one either. Its own backend is left out of PostgreSQL's CPU.
     """
 
-    def __init__(self, database_url: str, own_pids: list[int], nats_pid: int | None) -> None:
+    def __init__(self, database_url: str, own: dict[str, int], nats_pid: int | None) -> None:
         self.conn = psycopg.connect(
             PostgresParams.from_url(database_url).conninfo(), autocommit=True
         )
-        self.own_pids = own_pids
+        self.own = own
         self.nats_pid = nats_pid
 
     def close(self) -> None:
@@ -120,7 +145,7 @@ class Meter:
             xid=int(xid),
             wal=lsn_bytes(lsn),
             foreign=int(foreign),
-            own_cpu=sum(cpu_by_pid(self.own_pids).values()),
+            own_cpu={name: cpu_by_pid([pid]).get(pid, 0.0) for name, pid in self.own.items()},
             postgres_cpu=cpu_by_pid(pids),
             nats_cpu=nats,
         )
@@ -148,11 +173,12 @@ def window(
         latencies=latencies,
         xids=after.xid - before.xid,  # the Meter takes none itself
         wal_bytes=after.wal - before.wal,
-        cpu=after.own_cpu - before.own_cpu,
+        cpu=sum(after.own_cpu.values()) - sum(before.own_cpu.values()),
         postgres_cpu=postgres,
         nats_cpu=nats,
         foreign_transactions=after.foreign - before.foreign,
         loadavg=loadavg(),
+        cpu_by_process={n: cpu - before.own_cpu.get(n, 0.0) for n, cpu in after.own_cpu.items()},
     )
 
 
@@ -225,7 +251,7 @@ def ledgerflow_harness(base: Settings, concurrency: int) -> Iterator[Harness]:
         driver = Driver([sys.executable, "-m", "benchmarks.drivers"], env)
         api = httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30)
         roles = {"serve": processes[0].pid, "worker": processes[1].pid, "client": driver.pid}
-        meter = Meter(settings.database_url, list(roles.values()), nats_pid(settings.nats_url))
+        meter = Meter(settings.database_url, roles, nats_pid(settings.nats_url))
 
         def completed() -> int:
             for workflow in api.get("/workflows").raise_for_status().json():
@@ -255,7 +281,7 @@ def dbos_harness(base: Settings) -> Iterator[Harness]:
     ensure_database(url)
     try:
         driver = Driver([sys.executable, "-m", "benchmarks.dbos_app", "--database-url", url])
-        meter = Meter(url, [driver.pid], nats_pid(base.nats_url))
+        meter = Meter(url, {"dbos": driver.pid}, nats_pid(base.nats_url))
         try:
             yield Harness(
                 "dbos", driver, meter, meter.completed_dbos_runs, lambda: None, {"dbos": driver.pid}
@@ -273,7 +299,8 @@ def nats_pid(url: str) -> int | None:
 
 @contextlib.contextmanager
 def profiling(directory: Path | None, label: str, pids: dict[str, int]) -> Iterator[None]:
-    """py-spy records each process (raw collapsed stacks, CPU only) while the block runs."""
+    """py-spy records each process while the block runs: raw collapsed stacks of the threads
+    holding the GIL (Python at work; a thread waiting on a socket or a lock has let it go)."""
     if directory is None:
         yield
         return
@@ -282,7 +309,16 @@ def profiling(directory: Path | None, label: str, pids: dict[str, int]) -> Itera
         subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "py-spy"),
-                *("record", "--pid", str(pid), "--format", "raw", "--nolineno", "--nonblocking"),
+                *(
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--format",
+                    "raw",
+                    "--nolineno",
+                    "--nonblocking",
+                    "--gil",
+                ),
                 *("--output", str(directory / f"{label}-{role}.txt")),
             ],
             stdout=subprocess.DEVNULL,
@@ -346,10 +382,11 @@ def burst(harness: Harness, runs: int, in_flight: int) -> Window:
 
 def report(system: str, workload: str, w: Window) -> None:
     f = figures(w)
+    by_process = ", ".join(f"{n} {c / w.runs * 1000:.1f}" for n, c in w.cpu_by_process.items())
     p50 = "" if f.p50_ms is None else f"  p50 {f.p50_ms:.1f} ms  p99 {f.p99_ms:.1f} ms"
     print(
         f"  {system:<10} {workload:<13} {f.runs_per_s:8.1f} runs/s{p50}"
-        f"  {f.write_xacts_per_run:.2f} tx/run  {f.cpu_ms_per_run:.2f} CPU ms/run"
+        f"  {f.write_xacts_per_run:.2f} tx/run  {f.cpu_ms_per_run:.2f} CPU ms/run ({by_process})"
         f"  (foreign tx {w.foreign_transactions}, load {w.loadavg[0]:.2f})",
         flush=True,
     )
@@ -373,6 +410,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="e.g. in_flight")
     parser.add_argument(
         "--profile", type=Path, help="py-spy each process during (b) into this directory"
+    )
+    parser.add_argument(
+        "--private-postgres", action="store_true", help="a PostgreSQL server of this run's own"
     )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/vs_dbos.json"))
     args = parser.parse_args(argv)
@@ -400,7 +440,11 @@ LABELS = {
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    base = Settings()
+    with postgres_server(args.private_postgres) as base:
+        compare(args, base)
+
+
+def compare(args: argparse.Namespace, base: Settings) -> None:
     started_at, load_at_start = datetime.now(UTC), loadavg()
     rounds: list[dict[str, dict[str, Window]]] = []
     hello: dict[str, Any] = {}
@@ -449,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
             "eventsourcing": version("eventsourcing"),
             "postgres": server_version(base),
         },
+        "postgres_server": "private" if args.private_postgres else "shared",
         "sizes": {
             k: getattr(args, k)
             for k in ("rounds", "sequential", "runs", "in_flight", "long_runs", "burst")
@@ -458,6 +503,13 @@ def main(argv: list[str] | None = None) -> None:
         ],
         "medians": {s: {w: f.as_dict() for w, f in m.items()} for s, m in medians.items()},
         "burst_seconds": burst_seconds,
+        "cpu_ms_per_run_by_process": {
+            s: {
+                w: cpu_ms_per_run_by_process([r[s][w] for r in rounds])
+                for w in rounds[0].get(s, {})
+            }
+            for s in args.systems
+        },
         "rebuild": rebuilt,
     }
     print_summary(args, results, medians, burst_seconds, rebuild_rate)
@@ -480,6 +532,7 @@ def print_summary(
     print()
     print(
         f"ledgerflow vs DBOS {results['versions']['dbos']}, {results['date']},"
+        f" {results['postgres_server']} PostgreSQL {results['versions']['postgres']},"
         f" medians of {args.rounds} rounds; load average {machine['loadavg_start'][0]:.2f}"
         f" at the start, {machine['loadavg_end'][0]:.2f} at the end:"
     )
@@ -492,6 +545,11 @@ def print_summary(
         for system, by_workload in medians.items():
             for workload, f in by_workload.items():
                 print(f"  {system} {labels[workload]}: {f.as_dict()}")
+    print("CPU ms per run by process (medians):")
+    for system, by_workload in results["cpu_ms_per_run_by_process"].items():
+        for workload, by_process in by_workload.items():
+            shares = ", ".join(f"{name} {ms:.2f}" for name, ms in by_process.items())
+            print(f"  {system:<10} {labels[workload]:<28} {shares}")
     rebuilt = results["rebuild"]
     if rebuilt:
         per = ", ".join(
