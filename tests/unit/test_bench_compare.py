@@ -1,4 +1,4 @@
-"""benchmarks.compare: the per-run figures, medians and verdicts the DBOS comparison prints."""
+"""benchmarks.compare and benchmarks.profile_summary: the DBOS comparison's pure arithmetic."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from benchmarks.compare import (
     percentile,
     verdicts,
 )
+from benchmarks.profile_summary import group, parse, top
 
 
 def a_window(**changes: object) -> Window:
@@ -124,3 +125,24 @@ def test_the_table_has_a_ratio_row_per_workload() -> None:
     table = markdown_table(medians, {"in_flight": "(b)"}).splitlines()
     assert len(table) == 2 + 3
     assert table[-1].startswith("| (b) | ledgerflow/DBOS | 0.50x | 1.00x |")
+
+
+def test_collapsed_stacks_give_each_function_its_own_and_total_share() -> None:
+    lines = [
+        "main (app.py);load (store.py);decode (json.py) 6",
+        "main (app.py);load (store.py) 2",
+        "main (app.py);send (nats.py);decode (json.py) 2",
+        "not a stack line",
+    ]
+    p = parse(lines)
+    assert p.samples == 10
+    assert p.own["decode (json.py)"] == 8
+    assert p.total["load (store.py)"] == 8
+    assert p.share(p.total["main (app.py)"]) == 1.0
+    assert top(p.own, 1, match="store") == [("load (store.py)", 2)]
+
+
+def test_a_sample_goes_to_the_first_group_on_its_stack() -> None:
+    lines = ["main;load;decode 6", "main;send;decode 2", "main 1"]
+    groups = group(lines, [("loading", ["load"]), ("decoding", ["decode"])])
+    assert groups == {"loading": 6, "decoding": 2, "other": 1}
