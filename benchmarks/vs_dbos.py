@@ -346,8 +346,7 @@ def run_workloads(
     for workload, workflow, runs, in_flight in jobs:
         if workload not in sizes.workloads or runs <= 0:
             continue
-        spied = profile if workload == "in_flight" else None
-        with profiling(spied, harness.name, harness.processes):
+        with profiling(profile, f"{harness.name}-{workload}", harness.processes):
             before = harness.meter.sample()
             reply = harness.driver.request(
                 op="runs", workflow=workflow, runs=runs, in_flight=in_flight
@@ -409,7 +408,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="e.g. ledgerflow")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="e.g. in_flight")
     parser.add_argument(
-        "--profile", type=Path, help="py-spy each process during (b) into this directory"
+        "--profile", type=Path, help="py-spy each process during (a)-(c) into this directory"
     )
     parser.add_argument(
         "--private-postgres", action="store_true", help="a PostgreSQL server of this run's own"
