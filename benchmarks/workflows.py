@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 
 from infrastructure.bootstrap import init_database
+from infrastructure.nats.streams import delete_streams
 from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.settings import Settings
 from ledgerflow import Client
@@ -156,10 +157,7 @@ def running_ledgerflow(
     init_database(settings)
     env = {
         **os.environ,
-        "LEDGERFLOW_DATABASE_URL": settings.database_url,
-        "LEDGERFLOW_NATS_URL": settings.nats_url,
-        "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
-        "LEDGERFLOW_API_PORT": str(settings.api_port),
+        **settings.as_env(),
     }
     quiet = ["--log-level", "warning"]
     worker = ["worker", "benchmarks.flows:flow", "--concurrency", str(concurrency)]
@@ -174,6 +172,7 @@ def running_ledgerflow(
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
+        asyncio.run(delete_streams(settings))
         drop_database(settings.database_url)
 
 

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     """Seconds to wait for a database connection before a command answers ``unavailable``."""
     max_command_bytes: int = Field(default=1024 * 1024, ge=1024)
     """Requests larger than this are refused with ``too_large`` (1 MiB by default)."""
+    stream_max_bytes: int = Field(default=1024**3, ge=1024**2)
+    """Bytes each JetStream stream keeps at most (1 GiB); the server reserves them."""
     max_command_batch: int = Field(default=200, ge=1, le=10_000)
     """At most this many commands are saved in one transaction (group commit)."""
 
@@ -62,6 +64,14 @@ class Settings(BaseSettings):
         elif ":" in host:  # an IPv6 address
             host = f"[{host}]"
         return f"http://{host}:{self.api_port}"
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as the LEDGERFLOW_* variables a child process reads back."""
+        return {
+            f"LEDGERFLOW_{name.upper()}": str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
 
     @property
     def uses_postgres(self) -> bool:

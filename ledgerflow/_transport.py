@@ -19,7 +19,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from infrastructure.nats.names import HEADER_ORIGINATOR_ID, HEADER_TRACEPARENT, Names
 from infrastructure.nats.requests import request
-from infrastructure.nats.streams import StreamLimits, ensure_stream, tasks_config
+from infrastructure.nats.streams import StreamLimits, ensure_stream_exists, tasks_config
 from ledgerflow import _ports as ports
 from ledgerflow._telemetry import outgoing_headers
 from ledgerflow.errors import CommandError, checked
@@ -134,7 +134,7 @@ class TaskQueue:
     async def open(cls, transport: Transport, queue: str, ack_wait: float) -> TaskQueue:
         names = transport.names
         js = transport.nc.jetstream()
-        await ensure_stream(js, tasks_config(names, StreamLimits()))
+        await ensure_stream_exists(js, tasks_config(names, StreamLimits()))  # the relay's to size
         durable = names.consumer(f"worker-{queue}")
         config = ConsumerConfig(
             durable_name=durable,

@@ -276,7 +276,7 @@ class Relay:
         self.standby_poll = standby_poll
         self.ack_timeout = ack_timeout
         self.retry_delay = retry_delay
-        self.limits = limits or StreamLimits()
+        self.limits = limits or StreamLimits.of(settings)
         self.names = Names(settings.subject_prefix)
         self.lock_key = relay_lock_key(settings.subject_prefix)
         self.metrics = RelayMetrics()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from infrastructure.nats.names import Names
+from infrastructure.settings import Settings
 
 log = logging.getLogger("ledgerflow.streams")
 
@@ -28,6 +30,14 @@ class StreamLimits:
     tasks_max_bytes: int = 1 * GIB
     duplicate_window: float = 120.0
     """Seconds JetStream remembers a ``Nats-Msg-Id``: a republish within it is a no-op."""
+
+    @classmethod
+    def of(cls, settings: Settings) -> StreamLimits:
+        """The limits ``settings`` give. JetStream reserves each stream's ``max_bytes`` out
+        of the server's store, so many prefixes on one server (tests) want small ones."""
+        return cls(
+            events_max_bytes=settings.stream_max_bytes, tasks_max_bytes=settings.stream_max_bytes
+        )
 
 
 def events_config(names: Names, limits: StreamLimits) -> StreamConfig:
@@ -72,6 +82,35 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
             raise
         log.info("updating the configuration of stream %s", config.name)
         await js.update_stream(config)
+
+
+async def ensure_stream_exists(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create the stream if it is missing; leave an existing one as its owner (the relay)
+    configured it."""
+    try:
+        await js.stream_info(str(config.name))
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+        except BadRequestError as e:  # created meanwhile by someone else
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
+
+
+async def delete_streams(settings: Settings) -> None:
+    """Delete the event and task streams of ``settings.subject_prefix`` (tests, benchmarks:
+    a stream left behind keeps its storage reserved on the server)."""
+    import nats
+
+    names = Names(settings.subject_prefix)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        for stream in (names.events_stream, names.tasks_stream):
+            with contextlib.suppress(NotFoundError):
+                await js.delete_stream(stream)
+    finally:
+        await nc.close()
 
 
 async def ensure_streams(

@@ -41,10 +41,7 @@ def stack(postgres_server_url: str) -> Iterator[Stack]:
     with isolated(postgres_server_url, api_port=free_port()) as settings:
         env = {
             **os.environ,
-            "LEDGERFLOW_DATABASE_URL": settings.database_url,
-            "LEDGERFLOW_NATS_URL": settings.nats_url,
-            "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
-            "LEDGERFLOW_API_PORT": str(settings.api_port),
+            **settings.as_env(),
         }
         env.pop("LEDGERFLOW_API_URL", None)
         quiet = ["--log-level", "warning"]

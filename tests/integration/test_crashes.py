@@ -56,9 +56,7 @@ class Processes:
     def __init__(self, settings: Settings, logs: Path) -> None:
         self.env = {
             **os.environ,
-            "LEDGERFLOW_DATABASE_URL": settings.database_url,
-            "LEDGERFLOW_NATS_URL": settings.nats_url,
-            "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
+            **settings.as_env(),
         }
         self.logs = logs
         self.running: dict[str, subprocess.Popen[bytes]] = {}

@@ -73,9 +73,7 @@ class Processes:
     def start(self, name: str, *args: str, metrics_port: int) -> None:
         env = {
             **os.environ,
-            "LEDGERFLOW_DATABASE_URL": self.settings.database_url,
-            "LEDGERFLOW_NATS_URL": self.settings.nats_url,
-            "LEDGERFLOW_SUBJECT_PREFIX": self.settings.subject_prefix,
+            **self.settings.as_env(),
             "LEDGERFLOW_METRICS_PORT": str(metrics_port),
             "LEDGERFLOW_LOG_FORMAT": "auto",  # stderr is a file: JSON lines
         }

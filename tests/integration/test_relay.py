@@ -30,14 +30,14 @@ from infrastructure.nats import names as h
 from infrastructure.nats.connect import NatsUnavailableError, connect
 from infrastructure.nats.names import Names, traceparent
 from infrastructure.nats.relay import Relay
-from infrastructure.nats.streams import StreamLimits, ensure_streams
+from infrastructure.nats.streams import StreamLimits, delete_streams, ensure_streams
 from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.settings import Settings
 from projections.records import EventRecord
 from services import commands as c
 from services.workflow_runs import WorkflowRuns
 from tests.support import waiting
-from tests.support.isolation import delete_streams, isolated
+from tests.support.isolation import isolated
 from tests.support.servers import MissingBinaryError, PrivateNats, PrivatePostgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -207,9 +207,7 @@ class RelayProcess:
     def __init__(self, settings: Settings, log_path: Path) -> None:
         env = {
             **os.environ,
-            "LEDGERFLOW_DATABASE_URL": settings.database_url,
-            "LEDGERFLOW_NATS_URL": settings.nats_url,
-            "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
+            **settings.as_env(),
         }
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("wb")

@@ -23,8 +23,7 @@ pytestmark = pytest.mark.integration
 def start_serving(settings: Settings, prefix: str, *roles: str) -> subprocess.Popen[str]:
     env = {
         **os.environ,
-        "LEDGERFLOW_DATABASE_URL": settings.database_url,
-        "LEDGERFLOW_NATS_URL": settings.nats_url,
+        **settings.as_env(),
         "LEDGERFLOW_SUBJECT_PREFIX": prefix,
     }
     args = [arg for role in roles for arg in ("--role", role)]

@@ -35,9 +35,7 @@ def service(postgres_server_url: str) -> Iterator[tuple[Settings, httpx.Client]]
     init_database(settings)
     env = {
         **os.environ,
-        "LEDGERFLOW_DATABASE_URL": settings.database_url,
-        "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
-        "LEDGERFLOW_API_PORT": str(settings.api_port),
+        **settings.as_env(),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "ledgerflow", "serve"],

@@ -254,9 +254,7 @@ def test_a_run_survives_its_worker_being_killed(settings: Settings, tmp_path: Pa
     log = tmp_path / "effects"
     env = {
         **os.environ,
-        "LEDGERFLOW_DATABASE_URL": settings.database_url,
-        "LEDGERFLOW_NATS_URL": settings.nats_url,
-        "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
+        **settings.as_env(),
     }
 
     def spawn(name: str) -> subprocess.Popen[bytes]:

@@ -89,9 +89,7 @@ def test_a_stopped_worker_finishes_its_step_and_hands_the_run_back_at_once(
     os.mkfifo(gate)
     env = {
         **os.environ,
-        "LEDGERFLOW_DATABASE_URL": settings.database_url,
-        "LEDGERFLOW_NATS_URL": settings.nats_url,
-        "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
+        **settings.as_env(),
     }
 
     def spawn(name: str) -> subprocess.Popen[bytes]:
@@ -185,9 +183,7 @@ def test_a_sync_step_longer_than_the_ack_deadline_keeps_its_task_and_runs_once(
     log = tmp_path / "effects"
     env = {
         **os.environ,
-        "LEDGERFLOW_DATABASE_URL": settings.database_url,
-        "LEDGERFLOW_NATS_URL": settings.nats_url,
-        "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
+        **settings.as_env(),
     }
     command = [sys.executable, "-m", "ledgerflow", "worker"]
     command += ["tests.integration.worker_flows:flow", "--ack-wait", "1"]

@@ -8,11 +8,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import nats
-import nats.js.errors
-
 from infrastructure.bootstrap import init_database
-from infrastructure.nats.names import Names
+from infrastructure.nats.streams import delete_streams
 from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.settings import Settings
 
@@ -28,6 +25,7 @@ def isolated(postgres_server_url: str, **overrides: Any) -> Iterator[Settings]:
     own = Settings(
         database_url=params.url(f"ledgerflow_t_{uuid.uuid4().hex[:12]}"),
         subject_prefix=f"t{uuid.uuid4().hex[:8]}",
+        stream_max_bytes=64 * 1024**2,  # JetStream reserves it: keep many tests' streams small
         **overrides,
     )
     init_database(own)
@@ -38,15 +36,3 @@ def isolated(postgres_server_url: str, **overrides: Any) -> Iterator[Settings]:
             asyncio.run(delete_streams(own))
         finally:
             drop_database(own.database_url)
-
-
-async def delete_streams(settings: Settings) -> None:
-    names = Names(settings.subject_prefix)
-    nc = await nats.connect(settings.nats_url)
-    try:
-        js = nc.jetstream()
-        for stream in (names.events_stream, names.tasks_stream):
-            with contextlib.suppress(nats.js.errors.NotFoundError):
-                await js.delete_stream(stream)
-    finally:
-        await nc.close()
