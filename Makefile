@@ -38,11 +38,13 @@ demo: install up  ## a workflow written with the SDK, run by a worker and the se
 serve: db-init  ## run every role (commands, relay, projections, api) until Ctrl-C
 	$(BIN)/ledgerflow serve
 
-bench: db-init  ## the benchmarks of docs/performance.md
+bench: db-init  ## the benchmarks of docs/performance.md (installs the `bench` extra: DBOS)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks.commands --runs 5000
 	$(BIN)/python -m benchmarks.commands --runs 5000 --keyed
 	$(BIN)/python -m benchmarks.rebuild --events 100000
 	$(BIN)/python -m benchmarks.workflows --sequential 100 --runs 500
+	$(BIN)/python -m benchmarks.vs_dbos
 
 fmt: install
 	$(BIN)/ruff format .

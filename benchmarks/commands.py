@@ -83,7 +83,7 @@ def main() -> None:
 
     base = Settings()
     params = PostgresParams.from_url(base.database_url)
-    settings = Settings(database_url=params.url(f"ledgerflow_bench_{uuid.uuid4().hex[:8]}"))
+    settings = Settings(database_url=params.url(f"bench_commands_{uuid.uuid4().hex[:8]}"))
     names = Names(f"bench{uuid.uuid4().hex[:6]}")
     init_database(settings)
     env = {

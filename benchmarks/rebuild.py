@@ -42,18 +42,19 @@ def fill(app: WorkflowRuns, events: int) -> int:
     return app.recorder.max_notification_id() or 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=100_000)
-    args = parser.parse_args()
-    params = PostgresParams.from_url(Settings().database_url)
-    settings = Settings(database_url=params.url(f"ledgerflow_bench_{uuid.uuid4().hex[:8]}"))
+def measure(events: int, base: Settings | None = None) -> tuple[int, dict[str, float]]:
+    """Fill a fresh ``bench_rebuild_*`` database with ``events``; the head and rebuild times.
+
+    The times are seconds, by projection name and ``"all"`` (the lockstep ``rebuild --all``).
+    """
+    params = PostgresParams.from_url((base or Settings()).database_url)
+    settings = Settings(database_url=params.url(f"bench_rebuild_{uuid.uuid4().hex[:8]}"))
     init_database(settings)
     try:
         app = bootstrap(settings)
         try:
             started = time.perf_counter()
-            head = fill(app, args.events)
+            head = fill(app, events)
             print(f"filled {head:,} events in {time.perf_counter() - started:.1f} s")
         finally:
             app.close()
@@ -64,6 +65,14 @@ def main() -> None:
             timings[name or "all"] = time.perf_counter() - started
     finally:
         drop_database(settings.database_url)
+    return head, timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000)
+    args = parser.parse_args()
+    head, timings = measure(args.events)
     print(f"rebuild from the store ({head:,} events):")
     for name, seconds in timings.items():
         rate = head / seconds

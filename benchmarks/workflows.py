@@ -30,15 +30,35 @@ from tests.support.servers import free_port
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: Iterable[int]) -> float:
-    total = 0
+def cpu_by_pid(pids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds (user + system) each process has used so far; the gone ones left out."""
+    found = {}
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / TICKS
+        found[pid] = (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime, in ticks
+    return found
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    return sum(cpu_by_pid(pids).values())
+
+
+def pid_listening(port: int) -> int | None:
+    """The process listening on TCP ``port`` of this machine (IPv4), if it can be seen."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                    return int(entry.name)
+    return None
 
 
 def pids_named(*names: str) -> list[int]:
@@ -66,24 +86,26 @@ async def wait_ready(client: Client) -> None:
             await asyncio.sleep(0.2)  # the service or the worker is still starting
 
 
-async def sequential(client: Client, runs: int) -> list[float]:
+async def sequential(client: Client, runs: int, workflow: str = "three_steps") -> list[float]:
     latencies = []
     for n in range(runs):
         started = time.perf_counter()
-        run_id = await client.start("three_steps", {"n": n})
+        run_id = await client.start(workflow, {"n": n})
         await client.result(run_id, timeout=30)
         latencies.append(time.perf_counter() - started)
     return latencies
 
 
-async def in_flight(client: Client, runs: int, limit: int) -> list[float]:
+async def in_flight(
+    client: Client, runs: int, limit: int, workflow: str = "three_steps"
+) -> list[float]:
     gate = asyncio.Semaphore(limit)
     latencies: list[float] = []
 
     async def one(n: int) -> None:
         async with gate:
             started = time.perf_counter()
-            run_id = await client.start("three_steps", {"n": n})
+            run_id = await client.start(workflow, {"n": n})
             await client.result(run_id, timeout=60)
             latencies.append(time.perf_counter() - started)
 
@@ -116,12 +138,18 @@ def main() -> None:
 
 @contextlib.contextmanager
 def running_ledgerflow(
-    concurrency: int = 10,
+    concurrency: int = 10, base: Settings | None = None
 ) -> Iterator[tuple[Settings, list[subprocess.Popen[bytes]]]]:
-    """`ledgerflow serve` and a worker for benchmarks.flows, on a fresh database."""
-    params = PostgresParams.from_url(Settings().database_url)
+    """`ledgerflow serve` and a worker for benchmarks.flows, on a fresh database.
+
+    The database (``bench_ledgerflow_*``) is made on the server of ``base`` (default: the
+    environment's settings), and dropped at the end.
+    """
+    base = base or Settings()
+    params = PostgresParams.from_url(base.database_url)
     settings = Settings(
-        database_url=params.url(f"ledgerflow_bench_{uuid.uuid4().hex[:8]}"),
+        database_url=params.url(f"bench_ledgerflow_{uuid.uuid4().hex[:8]}"),
+        nats_url=base.nats_url,
         subject_prefix=f"bench{uuid.uuid4().hex[:6]}",
         api_port=free_port(),
     )
@@ -129,6 +157,7 @@ def running_ledgerflow(
     env = {
         **os.environ,
         "LEDGERFLOW_DATABASE_URL": settings.database_url,
+        "LEDGERFLOW_NATS_URL": settings.nats_url,
         "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
         "LEDGERFLOW_API_PORT": str(settings.api_port),
     }
