@@ -25,6 +25,7 @@ from infrastructure.bootstrap import init_database
 from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.settings import Settings
 from ledgerflow import Client
+from tests.support.isolation import delete_streams
 from tests.support.servers import free_port
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -174,7 +175,12 @@ def running_ledgerflow(
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
-        drop_database(settings.database_url)
+        try:
+            # Each stream reserves its max_bytes on the shared nats-server: left behind,
+            # a few dozen runs exhaust its storage and every new stream is refused.
+            asyncio.run(delete_streams(settings))
+        finally:
+            drop_database(settings.database_url)
 
 
 def measure_all(
