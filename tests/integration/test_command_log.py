@@ -93,3 +93,18 @@ def test_a_batch_whose_commands_all_repeat_appends_nothing(
     head = app.recorder.max_notification_id()
     assert list(other.execute(batch)) == first
     assert app.recorder.max_notification_id() == head
+
+
+def test_a_cached_run_is_brought_up_to_date_with_what_another_instance_wrote(
+    apps: tuple[WorkflowRuns, WorkflowRuns],
+) -> None:
+    first_app, second_app = apps
+    run_id = first_app.start_run(c.StartRun(workflow="orders", key="cached")).run_id
+    first_app.start_step(c.StartStep(run_id=run_id, step="charge", attempt=1))
+    assert run_id in first_app.cache
+    second_app.complete_step(c.CompleteStep(run_id=run_id, step="charge", attempt=1, output=1))
+    second_app.start_step(c.StartStep(run_id=run_id, step="ship", attempt=1))
+    first_app.complete_step(c.CompleteStep(run_id=run_id, step="ship", attempt=1, output=2))
+    run = second_app.get_run(run_id)
+    assert run.version == 5
+    assert {name: s.output for name, s in run.steps.items()} == {"charge": 1, "ship": 2}
