@@ -452,16 +452,7 @@ def _trigger_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.TriggerRun) -> Reply
     run_id = run_id_for(workflow.name, key)
     created = not uow.exists(run_id)
     if created:
-        run = WorkflowRun.start(
-            run_id,
-            workflow.name,
-            inbound.data,
-            key=key,
-            retry_policy=workflow.retry_policy,
-            timeouts=workflow.timeouts,
-            triggered_by=inbound.id,
-        )
-        uow.add(run)
+        uow.add(workflow.new_run(run_id, inbound.data, key=key, triggered_by=inbound.id))
     inbound.record_triggered_run(workflow.name, run_id)
     return RunStartedReply(run_id=run_id, created=created)
 

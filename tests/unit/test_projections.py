@@ -297,8 +297,8 @@ def test_a_record_of_an_unknown_type_changes_nothing_and_an_unknown_run_is_an_er
     run_id = given.start()
     models = given.project()
     before = models.views.runs[run_id]
-    (started,) = [r for r in given.records() if r.originator_id == run_id]
-    novel = replace(started, position=started.position + 1, prev_position=started.position)
+    last = [r for r in given.records() if r.originator_id == run_id][-1]
+    novel = replace(last, position=last.position + 1, prev_position=last.position)
     models.apply("runs", [replace(novel, type="SomethingNew")], given.backfill)
     assert models.views.runs[run_id] == before
     assert models.positions["runs"] == novel.position
