@@ -340,3 +340,27 @@ def test_projection_names_are_known() -> None:
 
 def _now() -> datetime:
     return datetime.now(tz=UTC)
+
+
+def test_an_events_data_becomes_plain_json_whatever_its_python_types() -> None:
+    from enum import StrEnum
+
+    from projections.records import jsonable
+
+    class Colour(StrEnum):
+        RED = "red"
+
+    run_id = uuid4()
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    value = {
+        "plain": ["a", 1, 2.5, True, None],
+        "nested": {"id": run_id, "at": at, 7: (1, 2), "colour": Colour.RED},
+        "set": {3, 1},
+    }
+    assert jsonable(value) == {
+        "plain": ["a", 1, 2.5, True, None],
+        "nested": {"id": str(run_id), "at": at.isoformat(), "7": [1, 2], "colour": "red"},
+        "set": [1, 3],
+    }
+    with pytest.raises(TypeError):
+        jsonable(object())
