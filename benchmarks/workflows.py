@@ -172,8 +172,12 @@ def running_ledgerflow(
             process.terminate()
         for process in processes:
             process.wait(timeout=30)
-        asyncio.run(delete_streams(settings))
-        drop_database(settings.database_url)
+        try:
+            # Each stream reserves its max_bytes on the shared nats-server: left behind,
+            # a few dozen runs exhaust its storage and every new stream is refused.
+            asyncio.run(delete_streams(settings))
+        finally:
+            drop_database(settings.database_url)
 
 
 def measure_all(

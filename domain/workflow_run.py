@@ -43,6 +43,9 @@ class RunStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+START = "start"
+"""The reason of a run's first hand-off."""
+
 ENDED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 """A run in one of these accepts nothing, except a failed run that an operator retries."""
 
@@ -136,6 +139,10 @@ class WorkflowRun(Aggregate):
 
     # ----------------------------------------------------------------------------- events
     class RunStarted(Aggregate.Created):
+        """v2 added ``dispatched``: the run was handed to its queue in the same transaction
+        (a TaskDispatched follows), so the scheduler has no start to dispatch (ADR 13)."""
+
+        class_version = 2
         workflow: str
         key: str | None
         input: JSON
@@ -144,6 +151,11 @@ class WorkflowRun(Aggregate):
         parent_run_id: UUID | None
         parent_step: str | None
         triggered_by: UUID | None
+        dispatched: bool
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["dispatched"] = False  # every run then waited for the scheduler
 
     class StepStarted(Aggregate.Event):
         step: str
@@ -262,12 +274,17 @@ class WorkflowRun(Aggregate):
         parent_run_id: UUID | None = None,
         parent_step: str | None = None,
         triggered_by: UUID | None = None,
+        queue: str | None = None,
     ) -> WorkflowRun:
+        """Start a run; with ``queue``, also hand it to that worker queue at once (its
+        workflow has no concurrency limit, so nothing can hold it back: ADR 13)."""
         check_name("workflow", workflow)
         check_key("key", key)
+        if queue is not None:
+            check_name("queue", queue)
         if (parent_run_id is None) != (parent_step is None):
             raise InvalidCommandError("a child run needs both parent_run_id and parent_step")
-        return cls._create(
+        run = cls._create(
             cls.RunStarted,
             id=run_id,
             workflow=workflow,
@@ -278,7 +295,12 @@ class WorkflowRun(Aggregate):
             parent_run_id=parent_run_id,
             parent_step=parent_step,
             triggered_by=triggered_by,
+            dispatched=queue is not None,
         )
+        if queue is not None:
+            # No global position is known before the insert: cause 0 is "its own start".
+            run._task_dispatched(START, 0, 1, queue)
+        return run
 
     @event(RunStarted)
     def __init__(
@@ -291,6 +313,7 @@ class WorkflowRun(Aggregate):
         parent_run_id: UUID | None,
         parent_step: str | None,
         triggered_by: UUID | None,
+        dispatched: bool,
     ) -> None:
         self.workflow = workflow
         self.key = key
@@ -314,6 +337,7 @@ class WorkflowRun(Aggregate):
         self.completions = 0
         self.dispatches = 0  # hand-offs to a worker so far: the fencing token of the latest
         self.last_cause = 0  # global position of the event that caused the latest hand-off
+        self.dispatched_at_start = dispatched
 
     # ------------------------------------------------------------------------------ steps
     def start_step(
@@ -682,6 +706,8 @@ class WorkflowRun(Aggregate):
         check_name("queue", queue)
         if cause <= self.last_cause:
             return
+        if reason == START and self.dispatched_at_start:
+            return  # handed off as it started; a scheduler of before ADR 13 asks again
         self._check_not_ended()
         self._task_dispatched(reason, cause, self.dispatches + 1, queue)
 

@@ -107,8 +107,14 @@ class WorkflowType(Aggregate):
         key: str | None = None,
         parent_run_id: UUID | None = None,
         parent_step: str | None = None,
+        triggered_by: UUID | None = None,
     ) -> WorkflowRun:
-        """A run of this workflow, under the workflow's retry policy and timeouts."""
+        """A run of this workflow, under the workflow's retry policy and timeouts.
+
+        Without a concurrency limit, nothing can hold a run back: it is handed to the
+        workflow's queue in the same transaction (ADR 13). A limited one waits for the
+        scheduler, which holds a slot for it or queues it.
+        """
         return WorkflowRun.start(
             run_id,
             self.name,
@@ -118,7 +124,13 @@ class WorkflowType(Aggregate):
             timeouts=self.timeouts,
             parent_run_id=parent_run_id,
             parent_step=parent_step,
+            triggered_by=triggered_by,
+            queue=self.queue if self.concurrency.limit is None else None,
         )
+
+    @property
+    def queue(self) -> str:
+        return str(self.definition["queue"])
 
     @property
     def triggers(self) -> list[str]:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, LiteralString, cast
 from uuid import UUID
 
 import nats.errors
@@ -91,15 +91,25 @@ def sender(app: WorkflowRuns, batch_size: int) -> Send:
 
 
 # ---------------------------------------------------------------- the Postgres view
+_STATEMENTS: dict[tuple[str, str], bytes] = {}
+"""Each statement of the view, rendered for its schema."""
+
+
 class PostgresSchedulerView:
     """The scheduler's tables, written in the caller's transaction."""
 
     def __init__(self, conn: psycopg.Connection[Any], schema: str) -> None:
         self.conn = conn
+        self.schema = schema
         self.t = ss.identifiers(schema)
 
-    def _run(self, query: str, params: Sequence[Any]) -> psycopg.Cursor[Any]:
-        return self.conn.execute(sql.SQL(query).format(**self.t), params)
+    def _run(self, query: LiteralString, params: Sequence[Any]) -> psycopg.Cursor[Any]:
+        key = (query, self.schema)
+        statement = _STATEMENTS.get(key)
+        if statement is None:  # composed and rendered once per statement (issue 6)
+            statement = sql.SQL(query).format(**self.t).as_bytes(self.conn)
+            _STATEMENTS[key] = statement
+        return self.conn.execute(statement, params)
 
     def put_timer(self, timer: Timer) -> None:
         self._run(

@@ -37,6 +37,7 @@ class Transport:
         self.nc = nc
         self.names = Names(subject_prefix)
         self.timeout = timeout
+        self._ends = _RunEnds(nc, self.names)
 
     @classmethod
     async def connect(cls, nats_url: str, subject_prefix: str, name: str) -> Transport:
@@ -54,37 +55,119 @@ class Transport:
             raise CommandError("unavailable", f"{name}: no reply from the command service") from e
         return checked(json.loads(msg.data))
 
-    @contextlib.asynccontextmanager
-    async def run_ends(self, run_id: str) -> AsyncIterator[asyncio.Event]:
+    def run_ends(self, run_id: str) -> contextlib.AbstractAsyncContextManager[RunEnd]:
         """An event set when the relay publishes the end of run ``run_id``.
 
         The relay's JetStream publishes reach plain subscribers too, so a waiting client
         hears of the end within a message's latency instead of a polling interval.
         """
-        ended = asyncio.Event()
-
-        async def heard(msg: Msg) -> None:
-            if (msg.headers or {}).get(HEADER_ORIGINATOR_ID) == run_id:
-                ended.set()
-
-        subscriptions = [
-            await self.nc.subscribe(self.names.event_subject("WorkflowRun", kind), cb=heard)
-            for kind in ("RunCompleted", "RunFailed", "RunCancelled", "RunTimedOut")
-        ]
-        try:
-            await self.nc.flush()  # subscribed before the caller looks at the run
-            yield ended
-        finally:
-            for subscription in subscriptions:
-                with contextlib.suppress(Exception):
-                    await subscription.unsubscribe()
+        return self._ends.waiting(run_id)
 
     async def open_queue(self, queue: str, ack_wait: float) -> TaskQueue:
         return await TaskQueue.open(self, queue, ack_wait)
 
     async def close(self) -> None:
+        self._ends.close()
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+RUN_ENDS = ("RunCompleted", "RunFailed", "RunCancelled", "RunTimedOut")
+LINGER = 30.0
+"""Seconds the run-end subscriptions outlive their last waiter (a client that waits for
+one result usually waits for the next: resubscribing each time would cost more)."""
+
+
+class RunEnd(asyncio.Event):
+    """Set when the run ends; ``output`` holds a completed run's output as published."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.completed = False
+        self.output: Any = None
+
+
+class _RunEnds:
+    """One subscription to the run-end subjects per connection, whatever the number of
+    waiters: each end is parsed once and handed to the waiters of its run only."""
+
+    def __init__(self, nc: NatsClient, names: Names) -> None:
+        self._nc = nc
+        self._names = names
+        self._waiters: dict[str, set[RunEnd]] = {}
+        self._subscriptions: list[Any] = []
+        self._subscribing = asyncio.Lock()
+        self._linger: asyncio.TimerHandle | None = None
+        self._leaving: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def waiting(self, run_id: str) -> AsyncIterator[RunEnd]:
+        ended = RunEnd()
+        self._waiters.setdefault(run_id, set()).add(ended)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        try:
+            await self._subscribed()
+            yield ended
+        finally:
+            waiters = self._waiters.get(run_id)
+            if waiters is not None:
+                waiters.discard(ended)
+                if not waiters:
+                    del self._waiters[run_id]
+            if not self._waiters and self._subscriptions and self._linger is None:
+                loop = asyncio.get_running_loop()
+                self._linger = loop.call_later(LINGER, self._unsubscribe_if_idle)
+
+    async def _subscribed(self) -> None:
+        """Subscribed, and the server knows it, before the caller looks at the run."""
+        async with self._subscribing:
+            if self._subscriptions:
+                return
+            subscriptions = [
+                await self._nc.subscribe(
+                    self._names.event_subject("WorkflowRun", kind), cb=self._heard
+                )
+                for kind in RUN_ENDS
+            ]
+            await self._nc.flush()
+            self._subscriptions = subscriptions
+
+    async def _heard(self, msg: Msg) -> None:
+        waiters = self._waiters.get((msg.headers or {}).get(HEADER_ORIGINATOR_ID, ""))
+        if not waiters:
+            return
+        completed, output = False, None
+        if msg.subject.endswith(".RunCompleted"):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                output = json.loads(msg.data)["data"]["output"]
+                completed = True
+        for ended in waiters:
+            ended.completed, ended.output = completed, output
+            ended.set()
+
+    def _unsubscribe_if_idle(self) -> None:
+        self._linger = None
+        if not self._waiters and self._leaving is None:
+            self._leaving = asyncio.get_running_loop().create_task(self._unsubscribe())
+
+    async def _unsubscribe(self) -> None:
+        try:
+            async with self._subscribing:
+                if self._waiters:
+                    return  # a waiter came back meanwhile
+                subscriptions, self._subscriptions = self._subscriptions, []
+                for subscription in subscriptions:
+                    with contextlib.suppress(Exception):
+                        await subscription.unsubscribe()
+        finally:
+            self._leaving = None
+
+    def close(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
 
 @dataclass

@@ -91,6 +91,10 @@ class Client:
         deadline = loop.time() + timeout
         async with self._transport.run_ends(run_id) as ended:
             while True:
+                if getattr(ended, "completed", False):
+                    # The published RunCompleted carries the output: a completed run never
+                    # changes again, so there is nothing more to ask the service.
+                    return getattr(ended, "output", None)
                 run = await self.get(run_id)
                 if run["status"] == "completed":
                     return run["output"]

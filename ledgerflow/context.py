@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import traceback
 from collections.abc import Awaitable, Callable
@@ -87,7 +88,17 @@ def decode_input(value: Any, annotation: Any) -> Any:
     """A run's input validated against the workflow function's parameter annotation."""
     if annotation is Any or annotation is inspect.Parameter.empty:
         return value
-    return TypeAdapter(annotation).validate_python(value)
+    try:
+        adapter = _adapter(annotation)
+    except TypeError:  # an unhashable annotation: nothing to key a cache on
+        adapter = TypeAdapter(annotation)
+    return adapter.validate_python(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(annotation: Any) -> TypeAdapter[Any]:
+    """One validator per annotation: building one costs far more than validating."""
+    return TypeAdapter(annotation)
 
 
 class StepTimeout(Exception):  # noqa: N818 - its name is the recorded error type

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import types
 import typing
-from collections.abc import Awaitable, Callable, Iterator
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -34,7 +38,12 @@ class Workflow:
     step_timeout: timedelta | None = None
     """Each step attempt's default time limit (a step's own ``timeout`` overrides it)."""
 
-    @property
+    @functools.cached_property
+    def takes_input(self) -> bool:
+        """Whether the function has a parameter for the run's input, after the context."""
+        return len(inspect.signature(self.fn).parameters) >= 2
+
+    @functools.cached_property
     def input_type(self) -> Any:
         """The annotation of the function's second parameter (``Any`` when there is none)."""
         params = list(inspect.signature(self.fn).parameters)
@@ -42,7 +51,7 @@ class Workflow:
             return Any
         return type_hints(self.fn).get(params[1], Any)
 
-    @property
+    @functools.cached_property
     def output_type(self) -> Any:
         return type_hints(self.fn).get("return", Any)
 
@@ -143,12 +152,25 @@ def workflow_name(workflow: str | Callable[..., Any]) -> str:
     return name
 
 
-def type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
-    """``typing.get_type_hints``, or nothing for callables it cannot read (lambdas, partials)."""
+_HINTS: weakref.WeakKeyDictionary[Any, Mapping[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def type_hints(fn: Callable[..., Any]) -> Mapping[str, Any]:
+    """``typing.get_type_hints``, or nothing for callables it cannot read (lambdas, partials).
+
+    Read once per function: every task replays its workflow's steps, and reading the hints
+    (``eval`` of each annotation) cost more than recording a trivial step.
+    """
+    key = getattr(fn, "__func__", fn)  # a bound method has its function's hints
+    with contextlib.suppress(KeyError, TypeError):  # TypeError: not weakly referenceable
+        return _HINTS[key]
     try:
-        return typing.get_type_hints(fn)
+        hints: Mapping[str, Any] = types.MappingProxyType(typing.get_type_hints(fn))
     except Exception:
-        return {}
+        return {}  # not kept: a name the annotations need may be defined later
+    with contextlib.suppress(TypeError):
+        _HINTS[key] = hints
+    return hints
 
 
 def load_flow(target: str) -> Flow:

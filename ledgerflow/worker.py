@@ -236,7 +236,7 @@ class Worker:
 
     async def _call(self, workflow: Workflow, ctx: RunContext, run: dict[str, Any]) -> Any:
         fn: Any = workflow.fn
-        if len(inspect.signature(fn).parameters) < 2:
+        if not workflow.takes_input:
             return await fn(ctx)
         return await fn(ctx, decode_input(run["input"], workflow.input_type))
 

@@ -88,8 +88,18 @@ def record_of(domain_event: object, position: int, prev_position: int) -> EventR
     )
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def jsonable(value: Any) -> JSON:
     """UUIDs and datetimes as strings, tuples and sets as lists: plain JSON, recursively."""
+    kind = type(value)
+    if kind in _PLAIN:  # by far the most common: tested first, and by type alone
+        return value
+    if kind is dict:
+        return {k if type(k) is str else str(k): jsonable(v) for k, v in value.items()}
+    if kind is list:
+        return [jsonable(v) for v in value]
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, UUID):

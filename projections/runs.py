@@ -444,7 +444,16 @@ class RunProjection(Projection[RunView]):
 
     @handles("WorkflowRun.TaskDispatched")
     def _task_dispatched(self, record: EventRecord) -> None:
-        """A hand-off to a worker changes nothing a reader of the run sees."""
+        """A hand-off to a worker changes nothing a reader of the run sees, but the row
+        stays at the run's version (a run is dispatched as it starts: ADR 13)."""
+        run = self.view.run(record.originator_id)
+        if run is None:
+            raise UnknownRunError(
+                f"{record.qualified_type} at {record.position} names run "
+                f"{record.originator_id}, whose start was never projected"
+            )
+        run.version = record.version
+        self.view.save_run(run)
 
     @handles("WorkflowRun.RunRetried")
     def _run_retried(self, record: EventRecord) -> None:

@@ -226,6 +226,15 @@ class Scheduler:
         dispatch = c.DispatchRun(run_id=record.originator_id, reason="start", cause=record.position)
         workflow = data.get("workflow")
         limit = self.view.limit_of(str(workflow)) if workflow is not None else None
+        if data.get("dispatched") is True:
+            # Handed off in its start's transaction (ADR 13): its workflow had no limit
+            # then. One set since (not seen here yet) counts the run as holding a slot.
+            if limit is not None and self.view.slot_of(record.originator_id) is None:
+                group = limit.group(data)
+                self.view.put_slot(
+                    Slot(record.originator_id, str(workflow), group, "held", record.position)
+                )
+            return []
         if limit is None:
             return [dispatch]
         known = self.view.slot_of(record.originator_id)

@@ -29,6 +29,7 @@ from domain.inbound_event import InboundEvent
 from domain.values import JSON, check_name
 from domain.workflow_run import RunStatus, WorkflowRun
 from domain.workflow_type import WorkflowType
+from services import aggregate_cache
 from services import commands as c
 from services.clock import Clock, SystemClock
 from services.command_log import CommandLog, CommandRecord, POPOCommandRecorder
@@ -85,8 +86,11 @@ Result = Reply | DomainError
 class UnitOfWork:
     """The aggregates a batch of commands loads, creates and changes; saved together."""
 
-    def __init__(self, app: WorkflowRuns) -> None:
+    def __init__(self, app: WorkflowRuns, *, cached: bool = True) -> None:
+        """``cached=False`` reads the store only: for queries, whose callers keep what
+        they get (the cache must never share an aggregate with anyone)."""
         self.app = app
+        self._cached = cached
         self._aggregates: dict[UUID, Aggregate] = {}
         self._missing: set[UUID] = set()
         self._existing: set[UUID] = set()
@@ -97,7 +101,7 @@ class UnitOfWork:
             if aggregate_id in self._missing:
                 raise AggregateNotFoundError(aggregate_id)
             try:
-                aggregate = self.app.repository.get(aggregate_id)
+                aggregate = self.app.load(aggregate_id, cached=self._cached)
             except AggregateNotFoundError:
                 self._missing.add(aggregate_id)
                 raise
@@ -109,7 +113,10 @@ class UnitOfWork:
     def exists(self, aggregate_id: UUID) -> bool:
         if aggregate_id in self._aggregates or aggregate_id in self._existing:
             return True
-        return aggregate_id not in self._missing and aggregate_id in self.app.repository
+        if aggregate_id in self._missing:
+            return False
+        # Aggregates are never deleted: one that is cached exists.
+        return aggregate_id in self.app.cache or aggregate_id in self.app.repository
 
     def prefetch_existence(self, aggregate_ids: Sequence[UUID], log: CommandLog) -> None:
         """Learn in one query which of many aggregates exist (keyed starts, resent events)."""
@@ -124,8 +131,18 @@ class UnitOfWork:
     def pending(self) -> dict[UUID, int]:
         return {i: len(a.pending_events) for i, a in self._aggregates.items()}
 
+    def changed_since(self, before: dict[UUID, int]) -> bool:
+        """Whether an aggregate has more pending events than ``before`` (one loaded since
+        then and left unchanged has none)."""
+        return any(n != before.get(i, 0) for i, n in self.pending().items())
+
     def changed(self) -> list[Aggregate]:
         return [a for a in self._aggregates.values() if a.pending_events]
+
+    def committed(self) -> None:
+        """The batch is saved: what it holds is the store's state, worth caching."""
+        if self._cached:
+            self.app.cache.put(self._aggregates.values())
 
 
 @dataclass
@@ -179,10 +196,12 @@ class WorkflowRuns(Application[UUID]):
         env: Mapping[str, str] | None = None,
         clock: Clock | None = None,
         rand: Callable[[], float] = random.random,
+        cache_size: int = aggregate_cache.DEFAULT_SIZE,
     ) -> None:
         super().__init__(env=env)
         self.clock = clock or SystemClock()
         self.rand = rand
+        self.cache = aggregate_cache.AggregateCache(cache_size)
         self.events_appended = 0  # by this instance, for metrics
 
     def construct_env(self, name: str, env: Mapping[str, str] | None = None) -> Environment:
@@ -192,6 +211,23 @@ class WorkflowRuns(Application[UUID]):
         (infrastructure.bootstrap) is the one place that does.
         """
         return Environment(name, {**type(self).env, **(env or {})})
+
+    def load(self, aggregate_id: UUID, *, cached: bool = True) -> Aggregate:
+        """An aggregate at its latest stored version, for the caller alone to change.
+
+        A cached one is brought up to date with the events stored after its version (by
+        another instance, say), so a decision never rests on stale state.
+        """
+        cached_one = self.cache.take(aggregate_id) if cached else None
+        if cached_one is None:
+            loaded: Aggregate = self.repository.get(
+                aggregate_id, projector_func=aggregate_cache.project
+            )
+            return loaded
+        newer = self.events.get(aggregate_id, gt=cached_one.version)
+        current = aggregate_cache.project(cached_one, newer)
+        assert current is not None
+        return current
 
     def construct_recorder(self) -> ApplicationRecorder:
         recorder = super().construct_recorder()
@@ -246,7 +282,7 @@ class WorkflowRuns(Application[UUID]):
             try:
                 reply = self._decide(uow, command)
             except DomainError as error:
-                if uow.pending() != before:
+                if uow.changed_since(before):
                     if len(commands) == 1:
                         return [error]  # nothing is saved
                     raise _PoisonedBatchError from error
@@ -281,6 +317,7 @@ class WorkflowRuns(Application[UUID]):
             [r.notification.id for r in self.save(*changed, commands=log)] if changed else []
         )
         self.events_appended += len(positions)
+        uow.committed()
         head = positions[-1] if positions else self._head()
         results: list[Result] = []
         for i, outcome in enumerate(outcomes):
@@ -372,13 +409,13 @@ class WorkflowRuns(Application[UUID]):
 
     # ---------------------------------------------------------------------- queries
     def get_run(self, run_id: UUID) -> WorkflowRun:
-        return _run(UnitOfWork(self), run_id)
+        return _run(UnitOfWork(self, cached=False), run_id)
 
     def get_inbound_event(self, event_id: UUID) -> InboundEvent:
-        return _inbound_event(UnitOfWork(self), event_id)
+        return _inbound_event(UnitOfWork(self, cached=False), event_id)
 
     def get_workflow_type(self, name: str) -> WorkflowType:
-        return _workflow_type(UnitOfWork(self), name)
+        return _workflow_type(UnitOfWork(self, cached=False), name)
 
     def _head(self) -> int:
         return self.recorder.max_notification_id() or 0
@@ -415,16 +452,7 @@ def _trigger_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.TriggerRun) -> Reply
     run_id = run_id_for(workflow.name, key)
     created = not uow.exists(run_id)
     if created:
-        run = WorkflowRun.start(
-            run_id,
-            workflow.name,
-            inbound.data,
-            key=key,
-            retry_policy=workflow.retry_policy,
-            timeouts=workflow.timeouts,
-            triggered_by=inbound.id,
-        )
-        uow.add(run)
+        uow.add(workflow.new_run(run_id, inbound.data, key=key, triggered_by=inbound.id))
     inbound.record_triggered_run(workflow.name, run_id)
     return RunStartedReply(run_id=run_id, created=created)
 

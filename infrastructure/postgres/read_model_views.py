@@ -64,6 +64,39 @@ def _without_nul(value: JSON) -> JSON:
     return value
 
 
+_STATEMENTS: dict[tuple[str, str, int], tuple[bytes, bytes]] = {}
+"""Each table version's select and upsert, composed and rendered once: psycopg's
+composition in Python cost more than the statements' own parameters (issue 6)."""
+
+
+def _statements(
+    conn: psycopg.Connection[Any], spec: Table, schema: str, version: int
+) -> tuple[bytes, bytes]:
+    found = _STATEMENTS.get((spec.base, schema, version))
+    if found is not None:
+        return found
+    name = table(schema, spec.base, version)
+    key = sql.Identifier(spec.primary_key[0])
+    columns = [c for c, _ in spec.columns]
+    select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
+        sql.SQL(", ").join(map(sql.Identifier, columns)), name, key
+    )
+    upsert = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}").format(
+        name,
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+        sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+        key,
+        sql.SQL(", ").join(
+            sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
+            for c in columns
+            if c != spec.primary_key[0]
+        ),
+    )
+    found = (select.as_bytes(conn), upsert.as_bytes(conn))
+    _STATEMENTS[(spec.base, schema, version)] = found
+    return found
+
+
 class _Rows(Generic[R]):
     """The rows one transaction has read or written, keyed by id; None: known missing."""
 
@@ -81,26 +114,8 @@ class _Rows(Generic[R]):
         self._to_params = to_params
         self._rows: dict[UUID, R | None] = {}
         self._dirty: dict[UUID, R] = {}
-        name = table(schema, spec.base, version)
-        key = sql.Identifier(spec.primary_key[0])
-        columns = [c for c, _ in spec.columns]
-        self._select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
-            sql.SQL(", ").join(map(sql.Identifier, columns)), name, key
-        )
         self._key = spec.primary_key[0]
-        self._upsert = sql.SQL(
-            "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}"
-        ).format(
-            name,
-            sql.SQL(", ").join(map(sql.Identifier, columns)),
-            sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-            key,
-            sql.SQL(", ").join(
-                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c))
-                for c in columns
-                if c != spec.primary_key[0]
-            ),
-        )
+        self._select, self._upsert = _statements(conn, spec, schema, version)
 
     def prefetch(self, ids: Iterable[UUID]) -> None:
         missing = list({i for i in ids if i not in self._rows})

@@ -63,7 +63,8 @@ def test_instances_racing_on_one_command_id_apply_it_once(
             pool.map(lambda n: (first_app, second_app)[n % 2].handle(command), range(16))
         )
     assert len({r.model_dump_json() for r in replies}) == 1
-    assert (first_app.recorder.max_notification_id() or 0) == head + 1
+    # One run: its RunStarted and the TaskDispatched of its start (ADR 13).
+    assert (first_app.recorder.max_notification_id() or 0) == head + 2
 
 
 def test_a_batch_is_one_transaction_that_logs_every_command_with_its_position(
@@ -78,7 +79,8 @@ def test_a_batch_is_one_transaction_that_logs_every_command_with_its_position(
     assert isinstance(results[5], RunNotFoundError)
     started = [r for r in results if isinstance(r, RunStartedReply)]
     assert [r.position for r in started] == sorted(r.position for r in started)
-    assert started[-1].position - started[0].position == 19  # one contiguous insert
+    # One contiguous insert: each start is a RunStarted and a TaskDispatched (ADR 13).
+    assert started[-1].position - started[0].position == 19 * 2
     for n, reply in enumerate(started):
         assert commands_logged(database_settings, f"b-{n}") == [("start_run", reply.position)]
     assert commands_logged(database_settings, "b-bad") == []
@@ -93,3 +95,18 @@ def test_a_batch_whose_commands_all_repeat_appends_nothing(
     head = app.recorder.max_notification_id()
     assert list(other.execute(batch)) == first
     assert app.recorder.max_notification_id() == head
+
+
+def test_a_cached_run_is_brought_up_to_date_with_what_another_instance_wrote(
+    apps: tuple[WorkflowRuns, WorkflowRuns],
+) -> None:
+    first_app, second_app = apps
+    run_id = first_app.start_run(c.StartRun(workflow="orders", key="cached")).run_id
+    first_app.start_step(c.StartStep(run_id=run_id, step="charge", attempt=1))
+    assert run_id in first_app.cache
+    second_app.complete_step(c.CompleteStep(run_id=run_id, step="charge", attempt=1, output=1))
+    second_app.start_step(c.StartStep(run_id=run_id, step="ship", attempt=1))
+    first_app.complete_step(c.CompleteStep(run_id=run_id, step="ship", attempt=1, output=2))
+    run = second_app.get_run(run_id)
+    assert run.version == 6  # started and dispatched, then 4 step events
+    assert {name: s.output for name, s in run.steps.items()} == {"charge": 1, "ship": 2}

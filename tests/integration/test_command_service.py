@@ -176,7 +176,8 @@ def test_200_concurrent_starts_with_one_key_make_exactly_one_run(
     app = bootstrap(database_settings)
     try:
         asyncio.run(_with(app, database_settings, _registered(scenario)))
-        assert app.get_run(run_id_for("orders", key)).version == 1
+        # One start: RunStarted and its TaskDispatched (ADR 13), nothing more.
+        assert app.get_run(run_id_for("orders", key)).version == 2
     finally:
         app.close()
 

@@ -104,6 +104,7 @@ def test_a_handler_that_loses_a_race_reloads_and_decides_again(
     app: WorkflowRuns, other_app: WorkflowRuns
 ) -> None:
     run_id = started_run(app)
+    started_at = app.get_run(run_id).version
     workers = 8
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(
@@ -116,7 +117,7 @@ def test_a_handler_that_loses_a_race_reloads_and_decides_again(
         )
     run = app.get_run(run_id)
     assert sorted(run.steps) == sorted(f"step-{n}" for n in range(workers))
-    assert run.version == 1 + workers
+    assert run.version == started_at + workers
 
 
 def test_concurrent_starts_with_the_same_key_make_exactly_one_run(
@@ -130,7 +131,8 @@ def test_concurrent_starts_with_the_same_key_make_exactly_one_run(
         )
     assert {r.run_id for r in replies} == {run_id_for("checkout", "cart-9")}
     assert sum(r.created for r in replies) == 1
-    assert app.get_run(run_id_for("checkout", "cart-9")).version == 1
+    # One start: RunStarted and its TaskDispatched (ADR 13), nothing more.
+    assert app.get_run(run_id_for("checkout", "cart-9")).version == 2
 
 
 def test_a_multi_aggregate_save_is_all_or_nothing(app: WorkflowRuns) -> None:
@@ -171,6 +173,7 @@ def test_a_version_1_step_failure_in_the_store_is_upcast_when_loaded(app: Workfl
     """StepFailed v1 (before structured errors) stored {"error": str, "error_type": str}."""
     run_id = started_run(app)
     app.start_step(c.StartStep(run_id=run_id, step="charge", attempt=1))
+    next_version = app.get_run(run_id).version + 1
     v1_state = {
         "timestamp": "2025-06-01T12:00:00+00:00",
         "step": "charge",
@@ -182,7 +185,7 @@ def test_a_version_1_step_failure_in_the_store_is_upcast_when_loaded(app: Workfl
         [
             StoredEvent(
                 originator_id=run_id,
-                originator_version=3,
+                originator_version=next_version,
                 topic=get_topic(WorkflowRun.StepFailed),
                 state=json.dumps(v1_state).encode(),
             )

@@ -24,6 +24,8 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy
 from nats.js.errors import NotFoundError
 
+from domain.values import Concurrency
+from domain.workflow_run import WorkflowRun
 from infrastructure.bootstrap import bootstrap, init_database
 from infrastructure.event_log import head, read_after
 from infrastructure.nats import names as h
@@ -90,10 +92,9 @@ def start_runs(app: WorkflowRuns, count: int, workflow: str = "shop") -> None:
 def append_bulk(app: WorkflowRuns, count: int, workflow: str = "bulk") -> None:
     """Append ``count`` RunStarted events fast: many runs per save (one insert each)."""
     app.register_workflow(c.RegisterWorkflow(name=workflow))
-    workflow_type = app.get_workflow_type(workflow)
     for start in range(0, count, 500):
         runs = [
-            workflow_type.new_run(uuid.uuid4(), {"n": n})
+            WorkflowRun.start(uuid.uuid4(), workflow, {"n": n})  # not dispatched: one event
             for n in range(start, min(count, start + 500))
         ]
         app.save(*runs)
@@ -670,7 +671,9 @@ def test_each_dispatch_becomes_one_worker_task_on_its_queue(
     settings: Settings, app: WorkflowRuns
 ) -> None:
     names = Names(settings.subject_prefix)
-    app.register_workflow(c.RegisterWorkflow(name="shop", queue="payments"))
+    # A limited workflow's runs are dispatched by the scheduler (here: by hand), not at start.
+    limit = Concurrency(limit=10)
+    app.register_workflow(c.RegisterWorkflow(name="shop", queue="payments", concurrency=limit))
     runs = [app.start_run(c.StartRun(workflow="shop", key=f"t-{n}")) for n in range(5)]
     for started in runs:
         app.handle(c.DispatchRun(run_id=started.run_id, reason="started", cause=started.position))

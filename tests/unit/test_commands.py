@@ -108,7 +108,7 @@ def test_every_command_has_a_handler() -> None:
 # ----------------------------------------------------------------------------- start_run
 def test_starting_a_run_records_run_started_and_queues_the_run() -> None:
     s = Scenario().given(register())
-    s.when(start(input={"order_id": 7})).then_events(["RunStarted"])
+    s.when(start(input={"order_id": 7})).then_events(["RunStarted", "TaskDispatched"])
     assert s.reply == RunStartedReply(position=s.head(), run_id=RUN, created=True)
     run = s.run(RUN)
     assert (run.status, run.workflow, run.key, run.input) == (
@@ -137,7 +137,7 @@ def test_starting_without_a_key_makes_a_new_run_each_time() -> None:
 
 def test_the_same_key_in_another_workflow_starts_another_run() -> None:
     s = started().given(register("invoices"))
-    s.when(start(workflow="invoices")).then_events(["RunStarted"])
+    s.when(start(workflow="invoices")).then_events(["RunStarted", "TaskDispatched"])
     assert isinstance(s.reply, RunStartedReply)
     assert s.reply.run_id == run_id_for("invoices", KEY) != RUN
 
@@ -757,7 +757,7 @@ def with_child() -> Scenario:
 
 def test_starting_a_child_records_it_on_the_parent_and_starts_the_child_run() -> None:
     s = started().given(register("invoices", retry_policy=RetryPolicy(max_attempts=7)))
-    s.when(start_child()).then_events(["ChildStarted", "RunStarted"])
+    s.when(start_child()).then_events(["ChildStarted", "RunStarted", "TaskDispatched"])
     child_started = s.event(WorkflowRun.ChildStarted)
     assert (child_started.originator_id, child_started.child_run_id) == (RUN, CHILD)
     run_started = s.event(WorkflowRun.RunStarted)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from domain.errors import RunNotActiveError, SupersededError
 from domain.ids import run_id_for
+from domain.values import Concurrency
+from domain.workflow_run import WorkflowRun
 from services import commands as c
 from services.workflow_runs import RunLoaded
 from tests.unit.scenario import Scenario
@@ -12,8 +16,9 @@ RUN = run_id_for("orders", "o-1")
 
 
 def started() -> Scenario:
+    """A run of a limited workflow: the scheduler, not its start, hands it off."""
     return Scenario().given(
-        c.RegisterWorkflow(name="orders", queue="payments"),
+        c.RegisterWorkflow(name="orders", queue="payments", concurrency=Concurrency(limit=5)),
         c.StartRun(workflow="orders", key="o-1", input={"n": 1}),
     )
 
@@ -77,3 +82,53 @@ def test_a_stale_worker_is_told_why_in_a_stable_form() -> None:
         "message": str(refused),
         "details": [{"reason": "superseded"}],
     }
+
+
+# ------------------------------------------------------------ hand-off at start (ADR 13)
+def test_a_run_of_an_unlimited_workflow_is_handed_off_in_its_starts_transaction() -> None:
+    s = Scenario().given(c.RegisterWorkflow(name="orders", queue="payments"))
+    s.when(c.StartRun(workflow="orders", key="o-1")).then_events(["RunStarted", "TaskDispatched"])
+    started = s.event(WorkflowRun.RunStarted)
+    dispatched = s.event(WorkflowRun.TaskDispatched)
+    assert started.dispatched is True
+    assert (dispatched.queue, dispatched.dispatch, dispatched.reason) == ("payments", 1, "start")
+    assert s.reply is not None and s.reply.position == s.head()
+    s.when(c.StartStep(run_id=RUN, step="charge", attempt=1, dispatch=1))
+    s.then_events(["StepStarted"])
+
+
+def test_the_schedulers_start_dispatch_of_a_run_handed_off_at_start_changes_nothing() -> None:
+    """A scheduler from before ADR 13 still dispatches every start: a no-op now."""
+    s = Scenario().given(
+        c.RegisterWorkflow(name="orders", queue="payments"),
+        c.StartRun(workflow="orders", key="o-1"),
+    )
+    s.when(c.DispatchRun(run_id=RUN, reason="start", cause=2)).then_events([])
+    s.when(c.DispatchRun(run_id=RUN, reason="timer", cause=3)).then_events(["TaskDispatched"])
+    assert s.event(WorkflowRun.TaskDispatched).dispatch == 2
+
+
+def test_a_limited_workflows_run_waits_for_the_scheduler() -> None:
+    s = Scenario().given(c.RegisterWorkflow(name="orders", concurrency=Concurrency(limit=1)))
+    s.when(c.StartRun(workflow="orders", key="o-1")).then_events(["RunStarted"])
+    assert s.event(WorkflowRun.RunStarted).dispatched is False
+
+
+def test_children_and_triggered_runs_are_handed_off_at_start_too() -> None:
+    s = Scenario().given(
+        c.RegisterWorkflow(name="orders", queue="payments"),
+        c.RegisterWorkflow(name="invoices", queue="billing", triggers=["order.placed"]),
+        c.StartRun(workflow="orders", key="o-1"),
+    )
+    s.when(c.StartChild(run_id=RUN, name="invoice", workflow="invoices"))
+    s.then_events(["ChildStarted", "RunStarted", "TaskDispatched"])
+    assert s.event(WorkflowRun.TaskDispatched).queue == "billing"
+    event_id = s.app.send_event(c.SendEvent(name="order.placed", data={})).event_id
+    s.when(c.TriggerRun(event_id=event_id, workflow="invoices"))
+    s.then_events(["RunTriggered", "RunStarted", "TaskDispatched"])
+
+
+def test_a_run_started_before_adr_13_reads_as_not_dispatched() -> None:
+    state: dict[str, Any] = {"workflow": "orders", "key": None, "input": None}
+    WorkflowRun.RunStarted.upcast_v1_v2(state)
+    assert state["dispatched"] is False

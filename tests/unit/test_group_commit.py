@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from domain.errors import RunNotFoundError, StepNotFoundError
 from domain.ids import run_id_for
 from services import commands as c
@@ -30,6 +34,7 @@ def test_a_batch_applies_every_good_command_and_refuses_only_the_bad_one() -> No
     assert isinstance(results[2], StepNotFoundError)
     assert [type(e).__name__ for e in s.events_after(head)] == [
         "RunStarted",
+        "TaskDispatched",
         "StepStarted",
         "StepCompleted",
     ]
@@ -68,7 +73,7 @@ def test_a_command_id_repeated_within_one_batch_is_applied_once() -> None:
     command = c.StartRun(workflow="orders", command_id="req-2")
     first, second = s.app.execute([command, command])
     assert first == second
-    assert [type(e).__name__ for e in s.events_after(1)] == ["RunStarted"]
+    assert [type(e).__name__ for e in s.events_after(1)] == ["RunStarted", "TaskDispatched"]
 
 
 def test_a_refused_command_id_is_not_remembered() -> None:
@@ -88,4 +93,31 @@ def test_commands_on_one_run_in_one_batch_apply_in_order() -> None:
     assert all(isinstance(r, Applied) for r in results)
     run = s.run(RUN)
     assert [run.steps[f"s{n}"].output for n in range(50)] == list(range(50))
-    assert run.version == 101
+    assert run.version == 102  # RunStarted, TaskDispatched, then the 100
+
+
+def test_a_refusal_on_a_run_the_batch_had_not_loaded_yet_keeps_the_batch_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = registered().given(c.StartRun(workflow="orders", key="o-1"))
+    saves: list[int] = []
+    save = s.app.save
+
+    def counted(*aggregates: Any, **kwargs: Any) -> Any:
+        saves.append(len(aggregates))
+        return save(*aggregates, **kwargs)
+
+    monkeypatch.setattr(s.app, "save", counted)
+    results = s.app.execute(
+        [
+            c.RetryRun(run_id=RUN),  # loads the run, and is refused: it has not failed
+            c.StartRun(workflow="orders", key="o-2"),
+            c.StartStep(run_id=RUN, step="charge", attempt=1),
+        ]
+    )
+    assert [type(r).__name__ for r in results] == [
+        "InvalidStateError",
+        "RunStartedReply",
+        "Applied",
+    ]
+    assert saves == [2]  # one save for both runs, not one per command

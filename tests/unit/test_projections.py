@@ -297,8 +297,8 @@ def test_a_record_of_an_unknown_type_changes_nothing_and_an_unknown_run_is_an_er
     run_id = given.start()
     models = given.project()
     before = models.views.runs[run_id]
-    (started,) = [r for r in given.records() if r.originator_id == run_id]
-    novel = replace(started, position=started.position + 1, prev_position=started.position)
+    last = [r for r in given.records() if r.originator_id == run_id][-1]
+    novel = replace(last, position=last.position + 1, prev_position=last.position)
     models.apply("runs", [replace(novel, type="SomethingNew")], given.backfill)
     assert models.views.runs[run_id] == before
     assert models.positions["runs"] == novel.position
@@ -340,3 +340,27 @@ def test_projection_names_are_known() -> None:
 
 def _now() -> datetime:
     return datetime.now(tz=UTC)
+
+
+def test_an_events_data_becomes_plain_json_whatever_its_python_types() -> None:
+    from enum import StrEnum
+
+    from projections.records import jsonable
+
+    class Colour(StrEnum):
+        RED = "red"
+
+    run_id = uuid4()
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    value = {
+        "plain": ["a", 1, 2.5, True, None],
+        "nested": {"id": run_id, "at": at, 7: (1, 2), "colour": Colour.RED},
+        "set": {3, 1},
+    }
+    assert jsonable(value) == {
+        "plain": ["a", 1, 2.5, True, None],
+        "nested": {"id": str(run_id), "at": at.isoformat(), "7": [1, 2], "colour": "red"},
+        "set": [1, 3],
+    }
+    with pytest.raises(TypeError):
+        jsonable(object())

@@ -9,7 +9,7 @@ from typing import Any
 from unittest.mock import ANY
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from domain.errors import InvalidStateError, RunNotFoundError
 from ledgerflow import Flow, NonRetryableError, RetryPolicy, RunContext, StepFailedError
@@ -337,3 +337,51 @@ def test_an_attempt_within_its_timeout_completes_and_its_own_timeout_error_is_it
         "message": "the bank did not answer",
         "traceback": ANY,
     }
+
+
+def test_a_steps_type_hints_are_read_once_per_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    import typing
+
+    from ledgerflow import flow as flow_module
+
+    def charge(amount: int) -> dict[str, int]:
+        return {"charged": amount}
+
+    reads: list[object] = []
+    real = typing.get_type_hints
+
+    def counting(fn: Any) -> dict[str, Any]:
+        reads.append(fn)
+        return real(fn)
+
+    monkeypatch.setattr(typing, "get_type_hints", counting)
+    first, again = flow_module.type_hints(charge), flow_module.type_hints(charge)
+    assert first == again == {"amount": int, "return": dict[str, int]}
+    assert reads == [charge]
+    assert flow_module.type_hints(lambda: None) == {}
+
+
+def test_a_runs_input_is_validated_by_one_adapter_per_annotation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ledgerflow import context
+
+    class Order(BaseModel):
+        id: int
+
+    built: list[object] = []
+    real = TypeAdapter
+
+    def counting(annotation: Any) -> Any:
+        built.append(annotation)
+        return real(annotation)
+
+    monkeypatch.setattr(context, "TypeAdapter", counting)  # the name it builds with
+    assert [context.decode_input([{"id": n}], list[Order]) for n in range(3)] == [
+        [Order(id=0)],
+        [Order(id=1)],
+        [Order(id=2)],
+    ]
+    assert built == [list[Order]]
+    with pytest.raises(ValueError):
+        context.decode_input([{"id": "x"}], list[Order])

@@ -1,0 +1,140 @@
+"""The command service's aggregate cache: never stale, never holding what was not committed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eventsourcing.persistence import OperationalError
+
+from domain.errors import InvalidStateError
+from domain.ids import run_id_for
+from domain.workflow_run import RunStatus, StepStatus, WorkflowRun
+from infrastructure.bootstrap import bootstrap
+from infrastructure.settings import Settings
+from services import commands as c
+from services import workflow_runs
+from services.aggregate_cache import AggregateCache
+from services.workflow_runs import RunLoaded, WorkflowRuns
+
+RUN = run_id_for("orders", "o-1")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Settings:
+    """One event store (a SQLite file) that several service instances can share."""
+    return Settings(database_url=f"sqlite:///{tmp_path}/store.db")
+
+
+@pytest.fixture
+def app(store: Settings) -> Iterator[WorkflowRuns]:
+    service = bootstrap(store, create_tables=True)
+    service.register_workflow(c.RegisterWorkflow(name="orders"))
+    service.start_run(c.StartRun(workflow="orders", key="o-1"))
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+def loaded(app: WorkflowRuns) -> dict[str, Any]:
+    """The run as a worker's ``load_run`` sees it (through the cache)."""
+    reply = app.handle(c.LoadRun(run_id=RUN))
+    assert isinstance(reply, RunLoaded)
+    return reply.run
+
+
+def test_a_command_sees_what_another_instance_wrote_after_its_cached_version(
+    app: WorkflowRuns, store: Settings
+) -> None:
+    app.start_step(c.StartStep(run_id=RUN, step="charge", attempt=1))  # cached
+    version = app.get_run(RUN).version
+    other = bootstrap(store)
+    try:
+        other.complete_step(c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=7))
+        other.start_step(c.StartStep(run_id=RUN, step="ship", attempt=1))
+    finally:
+        other.close()
+    assert RUN in app.cache
+    app.complete_step(c.CompleteStep(run_id=RUN, step="ship", attempt=1, output=8))
+    run = app.get_run(RUN)  # read from the store alone
+    assert run.version == version + 3  # no conflict: the cached run was caught up first
+    assert {name: s.output for name, s in run.steps.items()} == {"charge": 7, "ship": 8}
+    assert loaded(app)["steps"]["charge"]["status"] == "completed"
+
+
+def test_a_batch_whose_save_fails_leaves_nothing_of_its_decisions_in_the_cache(
+    app: WorkflowRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app.start_step(c.StartStep(run_id=RUN, step="charge", attempt=1))
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("the store went away")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(app.recorder, "insert_events", down)
+        with pytest.raises(OperationalError):
+            app.complete_step(c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=1))
+    assert RUN not in app.cache
+    assert loaded(app)["steps"]["charge"]["status"] == "running"  # as stored
+    app.complete_step(c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=2))
+    assert app.get_run(RUN).steps["charge"].output == 2
+
+
+def test_a_refused_decision_that_changed_its_run_is_not_cached(
+    app: WorkflowRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The domain refuses before it changes anything; if a decision ever broke that rule,
+    neither its batch's save nor the cache may keep the change."""
+    app.start_step(c.StartStep(run_id=RUN, step="charge", attempt=1))
+    version = app.get_run(RUN).version
+
+    def complete_then_refuse(app: WorkflowRuns, uow: Any, cmd: c.CompleteStep) -> Any:
+        uow.get(cmd.run_id, WorkflowRun).complete_step(cmd.step, cmd.attempt, 1)
+        raise InvalidStateError("refused after changing the run")
+
+    handlers = dict(workflow_runs._HANDLERS)
+    handlers[c.CompleteStep] = (complete_then_refuse, workflow_runs.Applied)
+    monkeypatch.setattr(workflow_runs, "_HANDLERS", handlers)
+    results = app.execute(
+        [
+            c.CompleteStep(run_id=RUN, step="charge", attempt=1),  # poisons the batch
+            c.CancelRun(run_id=run_id_for("orders", "missing")),
+        ]
+    )
+    assert isinstance(results[0], InvalidStateError)
+    monkeypatch.undo()
+    run = loaded(app)
+    assert run["steps"]["charge"]["status"] == StepStatus.RUNNING
+    assert run["version"] == version
+
+
+def test_a_refused_command_leaves_the_cached_run_usable(app: WorkflowRuns) -> None:
+    app.start_step(c.StartStep(run_id=RUN, step="charge", attempt=1))
+    with pytest.raises(InvalidStateError):
+        app.retry_run(c.RetryRun(run_id=RUN))  # only a failed run retries
+    assert RUN in app.cache
+    app.cancel_run(c.CancelRun(run_id=RUN))
+    assert app.get_run(RUN).status is RunStatus.RUNNING  # cancel waits for the step
+    assert loaded(app)["cancel_requested"] is True
+
+
+def test_the_cache_keeps_the_most_recently_used_aggregates_and_the_newest_version(
+    app: WorkflowRuns,
+) -> None:
+    cache = AggregateCache(maxsize=1)
+    first, second = app.get_run(RUN), app.get_workflow_type("orders")
+    cache.put([first, second])
+    assert RUN not in cache and second.id in cache and len(cache) == 1
+    newer = app.get_workflow_type("orders")
+    newer.add_worker("w-1")
+    with pytest.raises(ValueError, match="uncommitted"):
+        cache.put([newer])
+    app.save(newer)
+    cache.put([newer])
+    cache.put([second])  # an older version coming back late
+    taken = cache.take(second.id)
+    assert taken is newer
+    assert cache.take(second.id) is None  # taken: the taker owns it until it puts it back
