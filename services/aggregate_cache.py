@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 from eventsourcing.domain import Aggregate
+from eventsourcing.persistence import StoredEvent
 
 DEFAULT_SIZE = 4096
 """Aggregates kept: every run in flight, with room to spare (a run is a few kB)."""
@@ -73,3 +74,10 @@ def project(aggregate: Aggregate | None, events: Iterable[Any]) -> Aggregate | N
     for event in events:
         aggregate = event.mutate(aggregate)
     return aggregate
+
+
+@runtime_checkable
+class EventsAfter(Protocol):
+    def select_events_after(self, versions: Sequence[tuple[UUID, int]]) -> list[StoredEvent]:
+        """In one query, the events of each aggregate after its version, in order."""
+        ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -118,6 +118,18 @@ class UnitOfWork:
         # Aggregates are never deleted: one that is cached exists.
         return aggregate_id in self.app.cache or aggregate_id in self.app.repository
 
+    def take_cached(self, aggregate_ids: Iterable[UUID]) -> None:
+        """Take the cached ones of these aggregates at once, brought up to date together:
+        one query for the whole batch instead of one per aggregate."""
+        taken = {}
+        for aggregate_id in aggregate_ids:
+            if self._cached and aggregate_id not in self._aggregates:
+                aggregate = self.app.cache.take(aggregate_id)
+                if aggregate is not None:
+                    taken[aggregate_id] = aggregate
+        if taken:
+            self._aggregates.update(self.app.catch_up(taken))
+
     def prefetch_existence(self, aggregate_ids: Sequence[UUID], log: CommandLog) -> None:
         """Learn in one query which of many aggregates exist (keyed starts, resent events)."""
         existing = log.select_existing(aggregate_ids)
@@ -224,10 +236,24 @@ class WorkflowRuns(Application[UUID]):
                 aggregate_id, projector_func=aggregate_cache.project
             )
             return loaded
-        newer = self.events.get(aggregate_id, gt=cached_one.version)
-        current = aggregate_cache.project(cached_one, newer)
-        assert current is not None
-        return current
+        return self.catch_up({aggregate_id: cached_one})[aggregate_id]
+
+    def catch_up(self, aggregates: Mapping[UUID, Aggregate]) -> dict[UUID, Aggregate]:
+        """Cached aggregates with the events stored after their versions applied."""
+        recorder = self.recorder
+        if len(aggregates) > 1 and isinstance(recorder, aggregate_cache.EventsAfter):
+            newer: dict[UUID, list[Any]] = {}
+            stored = recorder.select_events_after([(i, a.version) for i, a in aggregates.items()])
+            for event in map(self.mapper.to_domain_event, stored):
+                newer.setdefault(event.originator_id, []).append(event)
+        else:
+            newer = {i: list(self.events.get(i, gt=a.version)) for i, a in aggregates.items()}
+        caught_up: dict[UUID, Aggregate] = {}
+        for aggregate_id, aggregate in aggregates.items():
+            current = aggregate_cache.project(aggregate, newer.get(aggregate_id, ()))
+            assert current is not None
+            caught_up[aggregate_id] = current
+        return caught_up
 
     def construct_recorder(self) -> ApplicationRecorder:
         recorder = super().construct_recorder()
@@ -264,6 +290,8 @@ class WorkflowRuns(Application[UUID]):
 
     def _execute_once(self, commands: Sequence[c.Command]) -> list[Result]:
         uow = UnitOfWork(self)
+        if len(commands) > 1:
+            uow.take_cached(_targets(commands))
         if len(commands) > 1 and isinstance(self.recorder, CommandLog):
             uow.prefetch_existence(_deterministic_ids(commands), self.recorder)
         first_replies = self._first_replies(commands)
@@ -670,6 +698,15 @@ def _workflow_type(uow: UnitOfWork, name: str) -> WorkflowType:
         return uow.get(workflow_type_id(name), WorkflowType)
     except AggregateNotFoundError:
         raise UnknownWorkflowError(name) from None
+
+
+def _targets(commands: Sequence[c.Command]) -> list[UUID]:
+    """The aggregates a batch will certainly load: runs, and started workflows' types."""
+    ids = {m.run_id: None for m in commands if isinstance(m, c.RunCommand)}
+    for m in commands:
+        if isinstance(m, c.StartRun | c.TriggerRun | c.StartChild):
+            ids[workflow_type_id(m.workflow)] = None
+    return list(ids)
 
 
 def _deterministic_ids(commands: Sequence[c.Command]) -> list[UUID]:

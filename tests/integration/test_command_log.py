@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import psycopg
 import pytest
@@ -110,3 +111,28 @@ def test_a_cached_run_is_brought_up_to_date_with_what_another_instance_wrote(
     run = second_app.get_run(run_id)
     assert run.version == 6  # started and dispatched, then 4 step events
     assert {name: s.output for name, s in run.steps.items()} == {"charge": 1, "ship": 2}
+
+
+def test_a_batch_brings_its_cached_runs_up_to_date_in_one_query(
+    apps: tuple[WorkflowRuns, WorkflowRuns], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first_app, second_app = apps
+    keys = [f"bulk-{n}" for n in range(3)]
+    ids = [first_app.start_run(c.StartRun(workflow="orders", key=k)).run_id for k in keys]
+    for run_id in ids:
+        first_app.start_step(c.StartStep(run_id=run_id, step="charge", attempt=1))
+    second_app.complete_step(c.CompleteStep(run_id=ids[1], step="charge", attempt=1, output=1))
+    queries: list[int] = []
+    recorder = first_app.recorder
+    select = recorder.select_events_after  # type: ignore[attr-defined]
+
+    def counted(versions: list[tuple[Any, int]]) -> Any:
+        queries.append(len(versions))
+        return select(versions)
+
+    monkeypatch.setattr(recorder, "select_events_after", counted)
+    batch = [c.CompleteStep(run_id=i, step="charge", attempt=1, output=7) for i in ids]
+    assert all(isinstance(r, Reply) for r in first_app.execute(batch))
+    assert queries == [3]  # one catch-up for the batch, not one per run
+    outputs = [second_app.get_run(i).steps["charge"].output for i in ids]
+    assert outputs == [7, 1, 7]  # the other instance's outcome was seen, and stands
