@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from infrastructure.bootstrap import init_database
 from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.settings import Settings
+from tests.support.isolation import delete_streams
 from tests.support.servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -61,7 +63,10 @@ def service(postgres_server_url: str) -> Iterator[tuple[Settings, httpx.Client]]
         if process.poll() is None:
             process.kill()
             process.communicate()
-        drop_database(settings.database_url)
+        try:
+            asyncio.run(delete_streams(settings))  # each reserves 1 GiB on nats-server
+        finally:
+            drop_database(settings.database_url)
 
 
 def _healthy(client: httpx.Client) -> bool:
