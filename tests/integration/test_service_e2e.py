@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from infrastructure.bootstrap import init_database
+from infrastructure.nats.streams import delete_streams
 from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.settings import Settings
-from tests.support.isolation import delete_streams
 from tests.support.servers import free_port
 
 pytestmark = pytest.mark.integration
