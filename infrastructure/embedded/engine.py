@@ -171,7 +171,6 @@ class Engine:
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._timers_changed = asyncio.Event()
-        self._moved = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._rebuilding = asyncio.Lock()
         self._counter = RunCounter(self._known_runs)  # the run metrics, as projections count
@@ -284,8 +283,6 @@ class Engine:
             if live:  # history read back at start was counted by the process that wrote it
                 self._counter.observe(records)
             self.position = records[-1].position
-            self._moved.set()
-            self._moved = asyncio.Event()
             if len(records) < READ_BATCH:
                 break
         return commands
@@ -333,11 +330,6 @@ class Engine:
         if name not in self._queues:
             self._queues[name] = EmbeddedQueue(name)
         return self._queues[name]
-
-    async def moved(self, timeout: float) -> None:
-        """Return when the engine has followed the log further, or after ``timeout``."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._moved.wait(), timeout)
 
     # ----------------------------------------------------------------------- timers
     async def _timer_loop(self) -> None:

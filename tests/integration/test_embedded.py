@@ -63,8 +63,8 @@ def test_a_run_started_with_no_worker_is_handed_off_after_a_restart(settings: Se
             pass  # registers the workflow
         async with embedded(settings, []) as dev:
             run_id = await dev.client.start(nap, {})
-            await asyncio.sleep(0.2)
-            assert _status(dev.engine, run_id) == "queued"
+            # No worker serves it: it stays queued, its hand-off waiting in the engine.
+            await waiting.until(_is(dev.engine, run_id, "queued"), "the run in the model", 10)
         clock = ManualClock(datetime.now(tz=UTC) + timedelta(hours=2))
         async with embedded(settings, [flow], clock=clock) as dev:
             await waiting.until(_is(dev.engine, run_id, "sleeping"), "the nap", 10)
@@ -82,15 +82,15 @@ def test_a_command_applied_before_a_restart_is_answered_not_applied_again(
             first = await dev.client.command(
                 "start_run", {"workflow": "nap", "input": {}, "command_id": "once"}
             )
-            head = dev.engine.position
         async with embedded(settings, [flow]) as dev:
-            await asyncio.sleep(0.2)
-            settled = dev.engine.position
+            run_id = str(first["run_id"])
+            await waiting.until(_is(dev.engine, run_id, "sleeping"), "the nap", 10)
+            settled = dev.engine.position  # nothing moves until the hour-long nap ends
             again = await dev.client.command(
                 "start_run", {"workflow": "nap", "input": {"other": 1}, "command_id": "once"}
             )
             assert again == first
-            assert head <= settled == dev.engine.position
+            assert dev.engine.position == settled  # answered, nothing appended
             assert len(dev.engine.read_models.views.runs) == 1
 
     asyncio.run(main())
