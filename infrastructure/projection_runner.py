@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, ClassVar
 
@@ -32,7 +32,7 @@ from infrastructure.postgres.read_models import (
     ProjectionStatus,
     Reader,
     ReadModelsMissingError,
-    apply_batch,
+    apply_batches,
     catch_up,
     open_pool,
     projection_status,
@@ -56,6 +56,9 @@ ACK_WAIT = 60.0
 BUG_DELAY = 10.0
 """Seconds before trying again after an unexpected error (it is logged with its trace)."""
 
+LIVE_CONSUMER = "read_models"
+"""The durable consumer that applies each batch to every live projection in one transaction."""
+
 LAG_INTERVAL = 2.0
 """Seconds between two refreshes of the projection lag gauges."""
 
@@ -73,12 +76,14 @@ def _say(error: BaseException) -> str:
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Keep every projection up to date until ``stop`` is set, then finish the batch in hand.
 
-    Each projection follows its own durable consumer on the events stream, and the event
-    store whenever the stream has nothing for it but the store has more (relay behind,
-    stream purged or not created yet). Raises ReadModelsMissingError before `db init`.
+    The projections follow one durable consumer on the events stream in lockstep (each
+    batch decoded once, applied to every read model in one transaction; ADR 14), and the
+    event store whenever the stream has nothing for them but the store has more (relay
+    behind, stream purged or not created yet). Raises ReadModelsMissingError before
+    `db init`.
     """
     names = Names(settings.subject_prefix)
-    pool = await asyncio.to_thread(open_pool, settings, len(PROJECTIONS) + 1)
+    pool = await asyncio.to_thread(open_pool, settings, 2)
     app: WorkflowRuns | None = None
     try:
         positions = await asyncio.to_thread(_live_positions, pool, settings.db_schema)
@@ -90,15 +95,15 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
             log.info("projections following %s from %s", names.events_stream, positions)
             with contextlib.suppress(nats.errors.Error):  # else each builder tries again
                 await ensure_events_stream(js, names)
+            builder = ProjectionBuilder(
+                LIVE_CONSUMER, settings.db_schema, names, js, pool, read, projections=positions
+            )
+            builder.position = min(positions.values())
+            # Run-level counters: from the log, each event once.
+            counter = RunCounter(read_model_lookup(pool, settings.db_schema))
+            builder.observe["runs"] = counter.observe
             async with asyncio.TaskGroup() as group:
-                for name, position in positions.items():
-                    builder = ProjectionBuilder(name, settings.db_schema, names, js, pool, read)
-                    builder.position = position
-                    if name == "runs":  # run-level counters: from the log, each event once
-                        builder.observe = RunCounter(
-                            read_model_lookup(pool, settings.db_schema)
-                        ).observe
-                    group.create_task(builder.run(stop), name=f"projection-{name}")
+                group.create_task(builder.run(stop), name="projections")
                 group.create_task(_report_lag(pool, settings.db_schema, stop), name="lag")
         finally:
             with contextlib.suppress(nats.errors.Error):
@@ -148,7 +153,8 @@ def _live_positions(pool: ConnectionPool[psycopg.Connection[Any]], schema: str) 
 
 
 class ProjectionBuilder:
-    """One projection: fetch a batch, apply it with its position in one transaction, ack.
+    """Projections in lockstep: fetch a batch, apply it to each with its position in one
+    transaction, ack.
 
     Other followers of the events stream (the scheduler) subclass it and override
     ``_apply`` and ``_catch_up_if_behind_sync``.
@@ -164,8 +170,11 @@ class ProjectionBuilder:
         js: JetStreamContext,
         pool: ConnectionPool[psycopg.Connection[Any]],
         read: Reader,
+        projections: Iterable[str] = (),
     ) -> None:
         self.name = name
+        """The consumer's name (and the projection's, for one alone)."""
+        self.projections = tuple(projections) or (name,)
         self.schema = schema
         self.names = names
         self.js = js
@@ -173,9 +182,11 @@ class ProjectionBuilder:
         self.read = read
         self.durable = names.consumer(name)
         self.position = 0
-        """The last position this process saw committed (others may be further on)."""
-        self.observe: Callable[[Sequence[EventRecord]], None] | None = None
-        """Told of the records each committed transaction applied (each record once)."""
+        """The last position this process saw committed by every one of its projections
+        (others may be further on)."""
+        self.observe: dict[str, Callable[[Sequence[EventRecord]], None]] = {}
+        """By projection: told of the records each committed transaction applied to it
+        (each record once)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         subscription: JetStreamContext.PullSubscription | None = None
@@ -279,27 +290,23 @@ class ProjectionBuilder:
             first = min(records, key=lambda r: r.position)
             if first.prev_position > self.position + READ_BATCH:
                 # A large gap (purged stream): fill it in batches, not in one transaction.
-                self._caught_up(
-                    catch_up(
-                        conn,
-                        self.schema,
-                        self.name,
-                        self.read,
-                        until=first.prev_position,
-                        committed=self._committed,
-                    )
+                self._catch_up_each(conn, until=first.prev_position)
+            results = apply_batches(conn, self.schema, self.projections, records, self.read)
+        for result in results:
+            self._committed(result)
+            if result.backfilled:
+                self.logger.info(
+                    "%s: gap before %d: %d record(s) read from the store",
+                    result.name,
+                    first.position,
+                    result.backfilled,
                 )
-            result = apply_batch(conn, self.schema, self.name, records, self.read)
-        self._committed(result)
-        self.position = max(self.position, result.position)
-        if result.backfilled:
-            self.logger.info(
-                "%s: gap before %d: %d record(s) read from the store",
-                self.name,
-                first.position,
-                result.backfilled,
-            )
-        self.logger.debug("%s: applied %d, now at %d", self.name, result.applied, result.position)
+        self.position = max(self.position, min(r.position for r in results))
+        self.logger.debug(
+            "%s: applied %s",
+            self.name,
+            ", ".join(f"{r.name} {r.applied} (at {r.position})" for r in results),
+        )
 
     async def _catch_up_if_behind(self) -> None:
         await asyncio.to_thread(self._catch_up_if_behind_sync)
@@ -308,27 +315,38 @@ class ProjectionBuilder:
         with self.pool.connection() as conn:
             if self.position >= s.store_head(conn, self.schema):
                 return
-            self._caught_up(
-                catch_up(conn, self.schema, self.name, self.read, committed=self._committed)
+            self._catch_up_each(conn)
+            self.position = max(
+                self.position, min(self._tracked(conn, name).position for name in self.projections)
             )
-            self.position = max(self.position, self._tracked(conn).position)
+
+    def _catch_up_each(self, conn: psycopg.Connection[Any], until: int | None = None) -> None:
+        """Bring each projection up to the store's head (or ``until``) from the store."""
+        for name in self.projections:
+            self._caught_up(
+                name,
+                catch_up(
+                    conn, self.schema, name, self.read, until=until, committed=self._committed
+                ),
+            )
 
     def _committed(self, result: BatchResult) -> None:
         if not result.applied:
             return
-        metrics.PROJECTION_APPLIED.labels(self.name).inc(result.applied)
-        if self.observe is not None:
+        metrics.PROJECTION_APPLIED.labels(result.name).inc(result.applied)
+        observe = self.observe.get(result.name)
+        if observe is not None:
             try:
-                self.observe(result.records)
+                observe(result.records)
             except Exception:  # telemetry must never stop a projection
-                self.logger.exception("%s: counting the applied records failed", self.name)
+                self.logger.exception("%s: counting the applied records failed", result.name)
 
-    def _caught_up(self, applied: int) -> None:
+    def _caught_up(self, name: str, applied: int) -> None:
         if applied:
-            self.logger.info("%s: %d record(s) applied from the store", self.name, applied)
+            self.logger.info("%s: %d record(s) applied from the store", name, applied)
 
-    def _tracked(self, conn: psycopg.Connection[Any]) -> s.Tracked:
-        tracked = s.live(conn, self.schema, self.name)
+    def _tracked(self, conn: psycopg.Connection[Any], name: str) -> s.Tracked:
+        tracked = s.live(conn, self.schema, name)
         if tracked is None:
             raise ReadModelsMissingError(MISSING)
         return tracked

@@ -327,7 +327,8 @@ class SchedulerFollower(ProjectionBuilder):
             if first.prev_position > self.position + READ_BATCH:
                 # A large gap (purged stream): fill it in batches, not in one transaction.
                 self._caught_up(
-                    catch_up(conn, self.schema, self.read, self.send, until=first.prev_position)
+                    self.name,
+                    catch_up(conn, self.schema, self.read, self.send, until=first.prev_position),
                 )
             result = apply_batch(conn, self.schema, records, self.read, self.send)
         self.position = max(self.position, result.position)
@@ -341,7 +342,7 @@ class SchedulerFollower(ProjectionBuilder):
         with self.pool.connection() as conn:
             if self.position >= rs.store_head(conn, self.schema):
                 return
-            self._caught_up(catch_up(conn, self.schema, self.read, self.send))
+            self._caught_up(self.name, catch_up(conn, self.schema, self.read, self.send))
             with conn.transaction():
                 self.position = max(self.position, ss.position(conn, self.schema))
 

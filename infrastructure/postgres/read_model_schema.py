@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -169,6 +170,15 @@ def lock(conn: psycopg.Connection[Any], schema: str, name: str) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS, f"{schema}.{name}"))
 
 
+def lock_many(conn: psycopg.Connection[Any], schema: str, names: Sequence[str]) -> None:
+    """:func:`lock` for each of ``names``, in their order, in one round trip."""
+    conn.execute(
+        # A function scan returns the array's elements in order, so the locks follow it.
+        "SELECT pg_advisory_xact_lock(%s, hashtext(n)) FROM unnest(%s::text[]) AS u(n)",
+        (LOCK_CLASS, [f"{schema}.{name}" for name in names]),
+    )
+
+
 def init_read_models(settings: Settings) -> None:
     """Create the read models' tables if missing (``ledgerflow db init``; idempotent)."""
     conninfo = PostgresParams.from_url(settings.database_url).conninfo()
@@ -312,6 +322,23 @@ def set_position(
             "UPDATE {} SET position = %s, updated_at = now() WHERE name = %s AND version = %s"
         ).format(tracking_table(schema)),
         (position, name, version),
+    )
+
+
+def set_positions(
+    conn: psycopg.Connection[Any], schema: str, positions: Sequence[tuple[str, int, int]]
+) -> None:
+    """:func:`set_position` for each ``(name, version, position)``, in one round trip."""
+    if not positions:
+        return
+    names, versions, reached = zip(*positions, strict=True)
+    conn.execute(
+        sql.SQL(
+            "UPDATE {} AS t SET position = u.position, updated_at = now()"
+            " FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS u(name, version, position)"
+            " WHERE t.name = u.name AND t.version = u.version"
+        ).format(tracking_table(schema)),
+        (list(names), list(versions), list(reached)),
     )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "ReadModelsMissingError",
     "RebuildInProgressError",
     "apply_batch",
+    "apply_batches",
     "catch_up",
     "connect",
     "init_read_models",
@@ -142,24 +143,65 @@ def apply_batch(
     to its rebuild alone: it is written without that lock, so runners are not slowed.
     """
     records = list(batch)
-    delivered = {r.position for r in records}
     with conn.transaction():
         if version is None:
             s.lock(conn, schema, name)
         target = _target(conn, schema, name, version)
-        todo = in_order(records, target.position, backfill_from(read))
-        if not todo:
-            return BatchResult(name, target.version, target.position, 0, 0)
-        view = VIEWS[name](conn, schema, target.version)
-        projection = PROJECTIONS[name](view)
-        view.prefetch(r.originator_id for r in todo)
-        for record in todo:
-            projection.process(record)
-        view.flush()
-        position = todo[-1].position
-        s.set_position(conn, schema, name, target.version, position)
+        result = _apply(conn, schema, name, records, read, target)
+        if result.applied:
+            s.set_position(conn, schema, name, result.version, result.position)
+    return result
+
+
+def apply_batches(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    names: Sequence[str],
+    batch: Iterable[EventRecord],
+    read: Reader,
+) -> list[BatchResult]:
+    """Apply a delivered batch to the live version of every projection in ``names`` and
+    track each one's position, all in one transaction (the live projections in lockstep).
+
+    Each projection keeps its own position, so one that a rebuild swapped in further on or
+    further back still gets each record exactly once. Locks are taken in ``names``' order.
+    """
+    records = list(batch)
+    with conn.transaction():
+        s.lock_many(conn, schema, names)
+        live = {t.name: t for t in s.tracked(conn, schema) if t.state == "live"}
+        results = [
+            _apply(conn, schema, name, records, read, _live(live, schema, name)) for name in names
+        ]
+        s.set_positions(
+            conn, schema, [(r.name, r.version, r.position) for r in results if r.applied]
+        )
+    return results
+
+
+def _apply(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    name: str,
+    records: Sequence[EventRecord],
+    read: Reader,
+    target: s.Tracked,
+) -> BatchResult:
+    """Apply ``records`` after ``target``'s position to its tables; the caller holds the
+    transaction and records the new position."""
+    delivered = {r.position for r in records}
+    todo = in_order(records, target.position, backfill_from(read))
+    if not todo:
+        return BatchResult(name, target.version, target.position, 0, 0)
+    view = VIEWS[name](conn, schema, target.version)
+    projection = PROJECTIONS[name](view)
+    handled = projection.handled_types()
+    view.prefetch(r.originator_id for r in todo if r.qualified_type in handled)
+    for record in todo:
+        projection.process(record)
+    view.flush()
     backfilled = sum(1 for r in todo if r.position not in delivered)
-    return BatchResult(name, target.version, position, len(todo), backfilled, tuple(todo))
+    return BatchResult(name, target.version, todo[-1].position, len(todo), backfilled, tuple(todo))
 
 
 def catch_up(
@@ -202,14 +244,22 @@ def _target(
     conn: psycopg.Connection[Any], schema: str, name: str, version: int | None
 ) -> s.Tracked:
     rows = s.tracked(conn, schema, name)
-    found = next(
-        (t for t in rows if (t.version == version if version is not None else t.state == "live")),
-        None,
-    )
+    if version is None:
+        return _live({t.name: t for t in rows if t.state == "live"}, schema, name)
+    found = next((t for t in rows if t.version == version), None)
     if found is None:
-        what = f"version {version}" if version is not None else "a live version"
         raise ReadModelsMissingError(
-            f"projection {name!r} has no {what} in {schema}.{s.TRACKING_TABLE}; "
+            f"projection {name!r} has no version {version} in {schema}.{s.TRACKING_TABLE}; "
+            "run `ledgerflow db init`"
+        )
+    return found
+
+
+def _live(live: dict[str, s.Tracked], schema: str, name: str) -> s.Tracked:
+    found = live.get(name)
+    if found is None:
+        raise ReadModelsMissingError(
+            f"projection {name!r} has no live version in {schema}.{s.TRACKING_TABLE}; "
             "run `ledgerflow db init`"
         )
     return found

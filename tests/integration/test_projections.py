@@ -31,6 +31,7 @@ from infrastructure.postgres.queries import InvalidQueryError, ReadModelQueries
 from infrastructure.postgres.read_models import (
     RebuildInProgressError,
     apply_batch,
+    apply_batches,
     catch_up,
     connect,
     init_read_models,
@@ -39,6 +40,7 @@ from infrastructure.postgres.read_models import (
 )
 from infrastructure.projection_runner import run
 from infrastructure.settings import Settings
+from projections.catalog import PROJECTIONS
 from projections.records import EventRecord
 from services import commands as c
 from services.clock import ManualClock
@@ -482,6 +484,32 @@ def test_a_batch_applies_exactly_once_whatever_its_duplicates_and_gaps(
                 assert result.position == max(r.position for r in batch)
             apply_batch(conn, settings.db_schema, name, records[-1:], read)
             assert apply_batch(conn, settings.db_schema, name, records, read).applied == 0
+    incremental = snapshot(settings)
+    rebuild(settings)
+    assert_same_rows(snapshot(settings), incremental)
+
+
+def test_lockstep_batches_apply_each_projection_once_from_its_own_position(
+    settings: Settings, app: WorkflowRuns
+) -> None:
+    records = Workload(app).more(4)
+    names = list(PROJECTIONS)
+
+    def read(after: int, limit: int) -> list[EventRecord]:
+        return read_after(app, after, limit)
+
+    with connect(settings) as conn:
+        # "runs" is ahead of the others, as after a rebuild swapped it in further on
+        apply_batch(conn, settings.db_schema, "runs", records[: len(records) // 2], read)
+        for start in range(0, len(records), 40):
+            batch = records[start : start + 50 : 2] + records[max(0, start - 30) : start + 5]
+            results = apply_batches(conn, settings.db_schema, names, batch, read)
+            assert [r.name for r in results] == names
+            assert min(r.position for r in results) == max(r.position for r in batch)
+        results = apply_batches(conn, settings.db_schema, names, records[-1:], read)
+        assert {r.position for r in results} == {records[-1].position}
+        again = apply_batches(conn, settings.db_schema, names, records, read)
+        assert [r.applied for r in again] == [0, 0, 0]
     incremental = snapshot(settings)
     rebuild(settings)
     assert_same_rows(snapshot(settings), incremental)
