@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from projections.records import EventRecord, record_of
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+from eventsourcing.persistence import Notification
+from eventsourcing.utils import resolve_topic
+
+from projections.records import TRACEPARENT_KEY, EventRecord, envelope_keys, record_of
 from services.workflow_runs import WorkflowRuns
 
 
@@ -16,11 +24,14 @@ def read_after(app: WorkflowRuns, after: int, limit: int) -> list[EventRecord]:
     notifications = app.recorder.select_notifications(
         start=after, limit=limit, inclusive_of_start=False
     )
+    plain = app.mapper.cipher is None and app.mapper.compressor is None
     records: list[EventRecord] = []
     prev = after
     for notification in notifications:
-        domain_event = app.mapper.to_domain_event(notification)
-        records.append(record_of(domain_event, notification.id, prev))
+        record = plain_record(notification, prev) if plain else None
+        if record is None:
+            record = record_of(app.mapper.to_domain_event(notification), notification.id, prev)
+        records.append(record)
         prev = notification.id
     return records
 
@@ -28,3 +39,76 @@ def read_after(app: WorkflowRuns, after: int, limit: int) -> list[EventRecord]:
 def head(app: WorkflowRuns) -> int:
     """The position of the newest event in the store (0 when empty)."""
     return app.recorder.max_notification_id() or 0
+
+
+# ------------------------------------------------------------------ the plain fast path
+class _NotPlainError(Exception):
+    """The stored state needs eventsourcing's own decoding (or an upcaster)."""
+
+
+_KINDS: dict[str, tuple[str, str, int]] = {}
+"""Topic -> (aggregate, type, class_version) of the event class it names."""
+
+
+def _kind(topic: str) -> tuple[str, str, int]:
+    found = _KINDS.get(topic)
+    if found is None:
+        cls = resolve_topic(topic)
+        aggregate, _, kind = cls.__qualname__.rpartition(".")
+        found = _KINDS[topic] = (aggregate, kind, getattr(cls, "class_version", 1))
+    return found
+
+
+def plain_record(notification: Notification, prev_position: int) -> EventRecord | None:
+    """The EventRecord of a stored event read straight from its JSON, without building the
+    domain event: the same record as ``record_of(mapper.to_domain_event(...))``, or None
+    when only that path can make it (an event stored at an older class version, which an
+    upcaster must bring up to date, or anything eventsourcing's JSON alone can decode).
+
+    eventsourcing's JSON transcoder stores a UUID as ``{"_type_": "uuid_hex", ...}`` and a
+    datetime as ``{"_type_": "datetime_iso", ...}``; an EventRecord's data holds them as
+    the strings ``jsonable`` makes of them, which is what this path makes too.
+    """
+    aggregate, kind, class_version = _kind(notification.topic)
+    try:
+        state = orjson.loads(notification.state)
+        if type(state) is not dict or state.pop("class_version", 1) != class_version:
+            return None
+        stamp = state["timestamp"]
+        if type(stamp) is not dict or stamp.get("_type_") != "datetime_iso":
+            return None
+        data = {k: _plain(v) for k, v in state.items() if k not in envelope_keys}
+        timestamp = datetime.fromisoformat(stamp["_data_"])
+    except (_NotPlainError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    originator_id = notification.originator_id
+    return EventRecord(
+        position=notification.id,
+        prev_position=prev_position,
+        originator_id=originator_id if type(originator_id) is UUID else UUID(str(originator_id)),
+        version=notification.originator_version,
+        aggregate=aggregate,
+        type=kind,
+        timestamp=timestamp,
+        data=data,
+        traceparent=state.get(TRACEPARENT_KEY),
+    )
+
+
+def _plain(value: Any) -> Any:
+    kind = type(value)
+    if kind is dict:
+        if "_type_" in value and len(value) == 2 and "_data_" in value:
+            return _transcoded(value["_type_"], value["_data_"])
+        return {k: _plain(v) for k, v in value.items()}
+    if kind is list:
+        return [_plain(v) for v in value]
+    return value
+
+
+def _transcoded(name: object, data: object) -> Any:
+    if name == "uuid_hex" and type(data) is str:
+        return str(UUID(data))
+    if name == "datetime_iso" and type(data) is str:
+        return datetime.fromisoformat(data).isoformat()
+    raise _NotPlainError(name)

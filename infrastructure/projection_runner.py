@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
@@ -19,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from psycopg_pool import ConnectionPool
 
-from infrastructure import metrics
+from infrastructure import codec, metrics
 from infrastructure.bootstrap import bootstrap
 from infrastructure.event_log import read_after
 from infrastructure.nats.connect import connect
@@ -277,7 +276,7 @@ class ProjectionBuilder:
 
     def _decode(self, message: Msg) -> EventRecord | None:
         try:
-            return EventRecord.from_json(json.loads(message.data))
+            return EventRecord.from_json(codec.loads(message.data))
         except (ValueError, KeyError, TypeError) as error:
             # Harmless: the next record's prev_position shows the gap, filled from the store.
             self.logger.warning(

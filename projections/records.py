@@ -16,7 +16,7 @@ TRACEPARENT_KEY = "_traceparent"
 Metadata, not a field of the event: eventsourcing gives extra stored keys to the event
 object as attributes, and its mutators ignore them, so old and new events load alike.
 """
-_ENVELOPE = frozenset(
+envelope_keys = frozenset(
     {"originator_id", "originator_version", "timestamp", "originator_topic", TRACEPARENT_KEY}
 )
 
@@ -83,7 +83,7 @@ def record_of(domain_event: object, position: int, prev_position: int) -> EventR
         aggregate=aggregate,
         type=kind,
         timestamp=state["timestamp"],
-        data={k: jsonable(v) for k, v in state.items() if k not in _ENVELOPE},
+        data={k: jsonable(v) for k, v in state.items() if k not in envelope_keys},
         traceparent=state.get(TRACEPARENT_KEY),
     )
 

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from domain.errors import DomainError
 from domain.values import JSON
-from infrastructure import metrics
+from infrastructure import codec, metrics
 from infrastructure.bootstrap import bootstrap
 from infrastructure.nats.names import Names
 from infrastructure.settings import Settings
@@ -63,7 +63,7 @@ def parse_command(name: str, payload: bytes, max_bytes: int) -> c.Command:
             "invalid_command", f"unknown command {name!r}", [{"known": sorted(COMMANDS)}]
         )
     try:
-        body = json.loads(payload or b"{}")
+        body = codec.loads(payload or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CommandError("invalid_command", f"request is not JSON: {e}") from None
     if not isinstance(body, dict):
@@ -224,7 +224,7 @@ def _position_of(body: dict[str, JSON]) -> int | None:
 
 async def _respond(msg: Msg, body: dict[str, JSON]) -> None:
     if msg.reply:  # a plain publish wants no answer
-        await msg.respond(json.dumps(body).encode())
+        await msg.respond(codec.dumps(body))
 
 
 async def connect_nats(settings: Settings, name: str) -> Client:

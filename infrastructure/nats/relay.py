@@ -24,6 +24,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
+from infrastructure import codec
 from infrastructure.bootstrap import bootstrap
 from infrastructure.event_log import head, read_after
 from infrastructure.metrics import RELAY_ACTIVE, RELAY_LAG, RELAY_PUBLISHED
@@ -422,7 +423,7 @@ class Relay:
             else:
                 headers[HEADER_EXPECTED_LAST_MSG_ID] = str(record.prev_position)
             subject = self.names.event_subject(record.aggregate, record.type)
-            body = json.dumps(record.to_json(), separators=(",", ":")).encode()
+            body = codec.dumps(record.to_json())
             futures.append(await inbox.publish(subject, body, headers))
         if futures:
             await asyncio.wait(futures, timeout=self.ack_timeout)
@@ -485,7 +486,7 @@ class Relay:
                 continue
             if lease.lost.is_set():
                 return False
-            body = json.dumps(task_body(record), separators=(",", ":")).encode()
+            body = codec.dumps(task_body(record))
             headers = {**self._headers(record), HEADER_MSG_ID: f"task:{record.position}"}
             subject = self.names.task(str(record.data["queue"]))
             futures.append(await inbox.publish(subject, body, headers))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 from uuid import UUID
@@ -12,6 +11,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from domain.values import JSON
+from infrastructure import codec
 from infrastructure.postgres.read_model_schema import (
     INBOUND_EVENTS,
     RUN_COUNTS,
@@ -39,11 +39,11 @@ class PostgresView(Protocol):
     def flush(self) -> None: ...
 
 
-def dumps(value: JSON) -> str:
-    text = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    if "\\u0000" in text:  # rare: only then pay for the walk
-        text = json.dumps(_without_nul(value), separators=(",", ":"), allow_nan=False)
-    return text
+def dumps(value: JSON) -> bytes:
+    data = codec.dumps(value)
+    if b"\\u0000" in data:  # rare: only then pay for the walk
+        data = codec.dumps(_without_nul(value))
+    return data
 
 
 def jsonb(value: JSON) -> Jsonb:
