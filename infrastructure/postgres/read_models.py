@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -159,19 +160,31 @@ def apply_batches(
     names: Sequence[str],
     batch: Iterable[EventRecord],
     read: Reader,
+    *,
+    versions: Mapping[str, int] | None = None,
 ) -> list[BatchResult]:
-    """Apply a delivered batch to the live version of every projection in ``names`` and
-    track each one's position, all in one transaction (the live projections in lockstep).
+    """Apply a batch to every projection in ``names`` and track each one's position, all in
+    one transaction (the projections in lockstep).
 
-    Each projection keeps its own position, so one that a rebuild swapped in further on or
-    further back still gets each record exactly once. Locks are taken in ``names``' order.
+    ``versions`` None means the live versions, under the projections' locks (taken in
+    ``names``' order), as :func:`apply_batch` does for one; else the versions being built,
+    by name. Each projection keeps its own position, so one that a rebuild swapped in
+    further on or further back still gets each record exactly once.
     """
     records = list(batch)
     with conn.transaction():
-        s.lock_many(conn, schema, names)
-        live = {t.name: t for t in s.tracked(conn, schema) if t.state == "live"}
+        if versions is None:
+            s.lock_many(conn, schema, names)
+        rows = s.tracked(conn, schema)
+        if versions is None:
+            live = {t.name: t for t in rows if t.state == "live"}
+            targets = [_live(live, schema, name) for name in names]
+        else:
+            found = {(t.name, t.version): t for t in rows}
+            targets = [found[name, versions[name]] for name in names]
         results = [
-            _apply(conn, schema, name, records, read, _live(live, schema, name)) for name in names
+            _apply(conn, schema, name, records, read, target)
+            for name, target in zip(names, targets, strict=True)
         ]
         s.set_positions(
             conn, schema, [(r.name, r.version, r.position) for r in results if r.applied]
@@ -300,13 +313,14 @@ def rebuild_many(
         versions = {name: _start_version(conn, schema, name) for name in names}
         log.info("rebuilding %s", ", ".join(f"{n} as version {v}" for n, v in versions.items()))
         # Bulk phase: no secondary indexes yet, so inserts stay cheap.
-        position = 0
-        while records := list(read(position, batch_size)):
-            for name, version in versions.items():
-                apply_batch(conn, schema, name, records, read, version=version)
-            position = records[-1].position
-            if progress is not None:
-                progress(position, s.store_head(conn, schema))
+        # The next batch is read (on another connection) while this one is applied.
+        with ThreadPoolExecutor(1, thread_name_prefix="rebuild-read") as reader:
+            ahead = reader.submit(read, 0, batch_size)
+            while records := list(ahead.result()):
+                ahead = reader.submit(read, records[-1].position, batch_size)
+                apply_batches(conn, schema, names, records, read, versions=versions)
+                if progress is not None:
+                    progress(records[-1].position, s.store_head(conn, schema))
         for name, version in versions.items():
             with conn.transaction():
                 s.create_indexes(conn, schema, name, version)
