@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -240,8 +240,13 @@ class Harness:
 
 
 @contextlib.contextmanager
-def ledgerflow_harness(base: Settings, concurrency: int) -> Iterator[Harness]:
-    with running_ledgerflow(concurrency=concurrency, base=base) as (settings, processes):
+def ledgerflow_harness(
+    base: Settings, concurrency: int, serve: Sequence[Sequence[str]] = ((),)
+) -> Iterator[Harness]:
+    with running_ledgerflow(concurrency=concurrency, base=base, serve=serve) as (
+        settings,
+        processes,
+    ):
         env = {
             **os.environ,
             "LEDGERFLOW_DATABASE_URL": settings.database_url,
@@ -250,7 +255,11 @@ def ledgerflow_harness(base: Settings, concurrency: int) -> Iterator[Harness]:
         }
         driver = Driver([sys.executable, "-m", "benchmarks.drivers"], env)
         api = httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30)
-        roles = {"serve": processes[0].pid, "worker": processes[1].pid, "client": driver.pid}
+        serving = {
+            "serve" if len(serve) == 1 else "serve-" + "+".join(roles): process.pid
+            for roles, process in zip(serve, processes, strict=False)
+        }
+        roles = {**serving, "worker": processes[-1].pid, "client": driver.pid}
         meter = Meter(settings.database_url, roles, nats_pid(settings.nats_url))
 
         def completed() -> int:
@@ -413,6 +422,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--private-postgres", action="store_true", help="a PostgreSQL server of this run's own"
     )
+    parser.add_argument(
+        "--serve",
+        default="",
+        help="ledgerflow's serve processes by their roles, e.g. commands,relay/projections,"
+        "scheduler,api: one process per '/'-separated group ['': one process, every role]",
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/vs_dbos.json"))
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -421,6 +436,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, sizes[name])
     if args.rebuild_events is None:
         args.rebuild_events = sizes["rebuild"]
+    args.serve = [tuple(r for r in group.split(",") if r) for group in args.serve.split("/")]
     args.systems = [s for s in args.systems.split(",") if s]
     args.workloads = [w for w in args.workloads.split(",") if w]
     unknown = set(args.systems) - set(SYSTEMS) | set(args.workloads) - set(WORKLOADS)
@@ -453,7 +469,7 @@ def compare(args: argparse.Namespace, base: Settings) -> None:
         for system in args.systems:
             profile = args.profile / f"round{n + 1}" if args.profile else None
             harness: contextlib.AbstractContextManager[Harness] = (
-                ledgerflow_harness(base, concurrency=args.in_flight + 14)
+                ledgerflow_harness(base, concurrency=args.in_flight + 14, serve=args.serve)
                 if system == "ledgerflow"
                 else dbos_harness(base)
             )

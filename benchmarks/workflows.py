@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from infrastructure.bootstrap import init_database
@@ -139,9 +139,12 @@ def main() -> None:
 
 @contextlib.contextmanager
 def running_ledgerflow(
-    concurrency: int = 10, base: Settings | None = None
+    concurrency: int = 10, base: Settings | None = None, serve: Sequence[Sequence[str]] = ((),)
 ) -> Iterator[tuple[Settings, list[subprocess.Popen[bytes]]]]:
     """`ledgerflow serve` and a worker for benchmarks.flows, on a fresh database.
+
+    ``serve`` lists the serve processes by their roles (``()``: every role): the
+    processes are those serve processes in that order, then the worker.
 
     The database (``bench_ledgerflow_*``) is made on the server of ``base`` (default: the
     environment's settings), and dropped at the end.
@@ -162,9 +165,14 @@ def running_ledgerflow(
     quiet = ["--log-level", "warning"]
     worker = ["worker", "benchmarks.flows:flow", "--concurrency", str(concurrency)]
     processes = [
-        subprocess.Popen([sys.executable, "-m", "ledgerflow", "serve", *quiet], env=env),
-        subprocess.Popen([sys.executable, "-m", "ledgerflow", *worker, *quiet], env=env),
+        subprocess.Popen(
+            [sys.executable, "-m", "ledgerflow", "serve", *_roles(roles), *quiet], env=env
+        )
+        for roles in serve
     ]
+    processes.append(
+        subprocess.Popen([sys.executable, "-m", "ledgerflow", *worker, *quiet], env=env)
+    )
     try:
         yield settings, processes
     finally:
@@ -178,6 +186,10 @@ def running_ledgerflow(
             asyncio.run(delete_streams(settings))
         finally:
             drop_database(settings.database_url)
+
+
+def _roles(roles: Sequence[str]) -> list[str]:
+    return [flag for role in roles for flag in ("--role", role)]
 
 
 def measure_all(
