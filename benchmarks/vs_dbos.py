@@ -8,11 +8,12 @@ result; (b) the same with ``--in-flight`` runs at a time; (c) a 20-step workflow
 a time; (d) a burst of starts, timed until every run is completed and visible (ledgerflow:
 counted as completed by the read-model API; DBOS: ``SUCCESS`` in its system tables).
 
-ledgerflow runs as `ledgerflow serve` (every role), a worker, and a client process
-(benchmarks.drivers); DBOS as one process (benchmarks.dbos_app). Per run: write
-transactions (transaction ids the server handed out), WAL bytes, CPU of the system's own
-processes, and apart from those PostgreSQL's CPU (the backends of the system's database,
-plus the server's background processes) and nats-server's. The figures are medians over the
+ledgerflow runs as two `ledgerflow serve` processes (``--serve``: commands and relay;
+projections, scheduler and API), a worker, and a client process (benchmarks.drivers);
+DBOS as one process (benchmarks.dbos_app). Per run: write transactions (transaction ids
+the server handed out), WAL bytes, CPU of the system's own processes, and apart from those
+PostgreSQL's CPU (the backends of the system's database, plus the server's background
+processes) and nats-server's. The figures are medians over the
 rounds; the ratios ledgerflow/DBOS are set against issue 6's targets, with a rebuild of
 every projection on ``--rebuild-events`` events (benchmarks.rebuild, ledgerflow only).
 
@@ -400,6 +401,11 @@ def report(system: str, workload: str, w: Window) -> None:
     )
 
 
+TWO_PROCESSES = "commands,relay/projections,scheduler,api"
+"""The roles on two processes, as docs/operations.md deploys them on two hosts: the command
+path (commands, relay) off the GIL of the followers (projections, scheduler) and the API."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -424,9 +430,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--serve",
-        default="",
-        help="ledgerflow's serve processes by their roles, e.g. commands,relay/projections,"
-        "scheduler,api: one process per '/'-separated group ['': one process, every role]",
+        default=TWO_PROCESSES,
+        help="ledgerflow's serve processes by their roles, one process per '/'-separated "
+        f"group; '' is one process with every role [{TWO_PROCESSES}]",
     )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/vs_dbos.json"))
     args = parser.parse_args(argv)
