@@ -213,6 +213,7 @@ class RunContext:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._completing: list[asyncio.Future[dict[str, Any]]] = []
 
     def idempotency_key(self, step: str) -> str:
         """A step's stable key, the same on every attempt: pass it to external services."""
@@ -305,9 +306,7 @@ class RunContext:
             observed.end("completed")
             output = encode(value)
             compensable = compensate is not None
-            await self._command(
-                "complete_step", step=name, attempt=attempt, output=output, compensable=compensable
-            )
+            await self._complete(step=name, attempt=attempt, output=output, compensable=compensable)
         if not isinstance(value, BaseModel):
             value = decode(output, returns)
         if compensate is not None:
@@ -331,6 +330,7 @@ class RunContext:
                 )
                 raise StepFailedError(name, error["type"], error["message"]) from None
             raise
+        await self._completions()  # a refused completion stops the run before this step
 
     async def _failed(self, name: str, attempt: int, exc: Exception, returns: Any) -> Any:
         retryable = not isinstance(exc, NonRetryableError)
@@ -436,9 +436,36 @@ class RunContext:
         return run
 
     async def settled(self) -> None:
-        """Returns once no step of this replay is in flight."""
+        """Returns once no step of this replay is in flight and every completion it sent
+        is answered; raises the first refused completion."""
         while self._inflight:
             await self._idle.wait()
+        await self._completions()
+
+    async def _complete(self, **body: Any) -> None:
+        """Send a step's completion without waiting for its reply, so the workflow goes on
+        to its next step while the completion is committed (one round trip less per step).
+
+        The request leaves before any later command. Its reply is awaited before the
+        next step's function runs, before any other command, and before the run ends,
+        so nothing runs after a refused completion: the refusal is raised there instead.
+        A crash meanwhile is a crash before the completion was recorded: the step runs
+        again on the next hand-off, as it always could.
+        """
+        self._completing.append(asyncio.ensure_future(self._command("complete_step", **body)))
+        await asyncio.sleep(0)  # lets the request go out now, ahead of the next command
+
+    async def _completions(self) -> None:
+        """Wait for the replies of the completions sent so far; raise the first refusal."""
+        sent, self._completing = self._completing, []
+        refused: BaseException | None = None
+        for reply in sent:  # answered in the order sent
+            try:
+                await reply
+            except Exception as e:
+                refused = refused or e
+        if refused is not None:
+            raise refused
 
     def _check_may_start(self) -> None:
         if self._replay_only:
@@ -447,6 +474,8 @@ class RunContext:
             raise HandedBack("the worker is stopping")
 
     async def _command(self, command: str, /, **body: Any) -> dict[str, Any]:
+        if command not in ("complete_step", "start_step"):
+            await self._completions()  # every other command follows the completions
         try:
             return await self._send(command, {"run_id": self.run_id, **body})
         except InvalidStateError as e:

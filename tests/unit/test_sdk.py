@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from domain.errors import InvalidStateError, RunNotFoundError
 from ledgerflow import Flow, NonRetryableError, RetryPolicy, RunContext, StepFailedError
-from ledgerflow.context import Superseded, Suspended, step_timeout
+from ledgerflow.context import Refused, Superseded, Suspended, step_timeout
 from ledgerflow.errors import CommandError, error_for
 from ledgerflow.flow import workflow_name
 
@@ -385,3 +385,90 @@ def test_a_runs_input_is_validated_by_one_adapter_per_annotation(
     assert built == [list[Order]]
     with pytest.raises(ValueError):
         context.decode_input([{"id": "x"}], list[Order])
+
+
+class SlowCommands(FakeCommands):
+    """Answers each command only when the test says so, to see what is sent meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answer: dict[str, asyncio.Event] = {}
+
+    async def __call__(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.sent.append((name, body))
+        await self.answer.setdefault(f"{name}:{body.get('step')}", asyncio.Event()).wait()
+        if name in self.refuse:
+            raise self.refuse[name]
+        return {"ok": True, "position": len(self.sent)}
+
+
+def test_the_next_step_starts_while_a_completion_is_committed_but_runs_only_after_it() -> None:
+    commands = SlowCommands()
+    ran: list[str] = []
+
+    async def scenario() -> None:
+        ctx = context(snapshot(), commands)
+
+        def step(name: str) -> str:
+            ran.append(name)
+            return name
+
+        async def flow() -> None:
+            await ctx.step("a", step, "a")
+            await ctx.step("b", step, "b")
+
+        commands.answer["start_step:a"] = asyncio.Event()
+        commands.answer["start_step:a"].set()
+        running = asyncio.create_task(flow())
+        while commands.names[-1:] != ["start_step"] or len(commands.sent) < 3:
+            await asyncio.sleep(0.001)
+        # a's completion and b's start are both out, in that order; b has not run yet
+        assert commands.names == ["start_step", "complete_step", "start_step"]
+        commands.answer.setdefault("start_step:b", asyncio.Event()).set()
+        await asyncio.sleep(0.01)
+        assert ran == ["a"]
+        commands.answer.setdefault("complete_step:a", asyncio.Event()).set()
+        commands.answer.setdefault("complete_step:b", asyncio.Event()).set()
+        await running
+        await ctx.settled()
+
+    asyncio.run(scenario())
+    assert ran == ["a", "b"]
+
+
+def test_a_refused_completion_stops_the_run_before_the_next_step_runs() -> None:
+    commands = SlowCommands()
+    commands.refuse["complete_step"] = InvalidStateError("run r has ended")
+    ran: list[str] = []
+
+    async def scenario() -> None:
+        ctx = context(snapshot(), commands)
+        for key in ("start_step:a", "complete_step:a", "start_step:b"):
+            commands.answer.setdefault(key, asyncio.Event()).set()
+
+        def step(name: str) -> str:
+            ran.append(name)
+            return name
+
+        await ctx.step("a", step, "a")
+        await ctx.step("b", step, "b")
+
+    with pytest.raises(Refused, match="has ended"):
+        asyncio.run(scenario())
+    assert ran == ["a"]
+    assert commands.names == ["start_step", "complete_step", "start_step"]
+
+
+def test_a_run_ends_only_after_its_completions_are_answered() -> None:
+    commands = SlowCommands()
+    commands.refuse["complete_step"] = InvalidStateError("run r has ended")
+
+    async def scenario() -> None:
+        ctx = context(snapshot(), commands)
+        for key in ("start_step:a", "complete_step:a"):
+            commands.answer.setdefault(key, asyncio.Event()).set()
+        assert await ctx.step("a", lambda: 1) == 1  # the workflow returns at once...
+        await ctx.settled()  # ...and the worker learns of the refusal before complete_run
+
+    with pytest.raises(Refused, match="has ended"):
+        asyncio.run(scenario())
