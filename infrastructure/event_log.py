@@ -10,6 +10,7 @@ import orjson
 from eventsourcing.persistence import Notification
 from eventsourcing.utils import resolve_topic
 
+from infrastructure.codec import may_hold_big_ints
 from projections.records import TRACEPARENT_KEY, EventRecord, envelope_keys, record_of
 from services.workflow_runs import WorkflowRuns
 
@@ -70,6 +71,8 @@ def plain_record(notification: Notification, prev_position: int) -> EventRecord 
     the strings ``jsonable`` makes of them, which is what this path makes too.
     """
     aggregate, kind, class_version = _kind(notification.topic)
+    if may_hold_big_ints(notification.state):
+        return None  # orjson would read an integer beyond 64 bits as a float
     try:
         state = orjson.loads(notification.state)
         if type(state) is not dict or state.pop("class_version", 1) != class_version:

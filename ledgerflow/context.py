@@ -457,15 +457,22 @@ class RunContext:
 
     async def _completions(self) -> None:
         """Wait for the replies of the completions sent so far; raise the first refusal."""
-        sent, self._completing = self._completing, []
-        refused: BaseException | None = None
-        for reply in sent:  # answered in the order sent
-            try:
-                await reply
-            except Exception as e:
-                refused = refused or e
-        if refused is not None:
-            raise refused
+        sent = list(self._completing)
+        if not sent:
+            return
+        # asyncio.wait neither raises nor cancels the completions if this caller is
+        # cancelled; every outcome is read, so none is left unretrieved.
+        if waiting := [reply for reply in sent if not reply.done()]:
+            await asyncio.wait(waiting)
+        self._completing = [f for f in self._completing if not f.done()]
+        failures: list[BaseException] = []
+        for reply in sent:
+            failure = asyncio.CancelledError() if reply.cancelled() else reply.exception()
+            if failure is not None:
+                failures.append(failure)
+        if failures:
+            # A refusal (an Interrupt) first: it says what the worker must do next.
+            raise next((e for e in failures if isinstance(e, Interrupt)), failures[0])
 
     def _check_may_start(self) -> None:
         if self._replay_only:

@@ -24,7 +24,9 @@ def test_dumps_writes_what_json_would_read_back_the_same(value: object) -> None:
 
 
 def test_loads_reads_what_only_json_reads() -> None:
-    assert codec.loads(b'{"n": 36893488147419103232}') == {"n": 2**65}
+    for big in (2**64 + 1, 2**65 + 1, -(2**63) - 1, 10**20 + 1):
+        read = codec.loads(f'{{"n": {big}}}'.encode())["n"]
+        assert (type(read), read) == (int, big)  # never a float that loses digits
     assert math.isinf(codec.loads(b"[Infinity]")[0])
     assert codec.loads('{"a": "\\ud800"}') == {"a": "\ud800"}
     with pytest.raises(ValueError):

@@ -472,3 +472,24 @@ def test_a_run_ends_only_after_its_completions_are_answered() -> None:
 
     with pytest.raises(Refused, match="has ended"):
         asyncio.run(scenario())
+
+
+def test_every_refused_completion_of_parallel_steps_is_read_before_the_refusal_is_raised() -> None:
+    commands = SlowCommands()
+    commands.refuse["complete_step"] = InvalidStateError("run r has ended")
+
+    async def scenario() -> RunContext:
+        ctx = context(snapshot(), commands)
+        for key in ("start_step:a", "start_step:b", "complete_step:a"):
+            commands.answer.setdefault(key, asyncio.Event()).set()
+        await asyncio.gather(ctx.step("a", lambda: 1), ctx.step("b", lambda: 2))
+        waiting = asyncio.create_task(ctx.settled())
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # b's completion is not answered yet: settled waits
+        commands.answer.setdefault("complete_step:b", asyncio.Event()).set()
+        with pytest.raises(Refused):
+            await waiting
+        return ctx
+
+    ctx = asyncio.run(scenario())
+    assert ctx._completing == []  # nothing left unread
