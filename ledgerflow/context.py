@@ -19,6 +19,7 @@ from domain.values import RetryPolicy
 from ledgerflow._telemetry import step_attempt
 from ledgerflow.errors import (
     ChildFailedError,
+    CommandError,
     NonRetryableError,
     StepFailedError,
     is_superseded,
@@ -472,7 +473,13 @@ class RunContext:
                 failures.append(failure)
         if failures:
             # A refusal (an Interrupt) first: it says what the worker must do next.
-            raise next((e for e in failures if isinstance(e, Interrupt)), failures[0])
+            first = next((e for e in failures if isinstance(e, Interrupt)), failures[0])
+            if isinstance(first, Interrupt) or not _transient(first):
+                raise first  # a permanent failure (an output too large) as before ADR 15
+            # The service unreachable: the workflow's code must not catch it, and the task
+            # goes back for another try, where the step (its completion perhaps
+            # unrecorded) runs again or finds its completion recorded.
+            raise HandedBack(f"a step's completion failed: {first}") from first
 
     def _check_may_start(self) -> None:
         if self._replay_only:
@@ -489,6 +496,13 @@ class RunContext:
             if is_superseded(e):
                 raise Superseded(str(e)) from None
             raise Refused(str(e), e.reason) from None
+
+
+def _transient(error: BaseException) -> bool:
+    """An error that says nothing of the command, only that its answer did not come."""
+    if isinstance(error, CommandError):
+        return error.code in ("unavailable", "timeout")
+    return isinstance(error, OSError | TimeoutError)
 
 
 def _step_failed(name: str, state: dict[str, Any]) -> StepFailedError:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from domain.errors import InvalidStateError, RunNotFoundError
 from ledgerflow import Flow, NonRetryableError, RetryPolicy, RunContext, StepFailedError
-from ledgerflow.context import Refused, Superseded, Suspended, step_timeout
+from ledgerflow.context import HandedBack, Refused, Superseded, Suspended, step_timeout
 from ledgerflow.errors import CommandError, error_for
 from ledgerflow.flow import workflow_name
 
@@ -472,6 +472,26 @@ def test_a_run_ends_only_after_its_completions_are_answered() -> None:
 
     with pytest.raises(Refused, match="has ended"):
         asyncio.run(scenario())
+
+
+def test_a_completion_that_fails_hands_the_task_back_past_the_workflows_own_handlers() -> None:
+    commands = SlowCommands()
+    commands.refuse["complete_step"] = CommandError("unavailable", "no reply")
+    ran: list[str] = []
+
+    async def scenario() -> None:
+        ctx = context(snapshot(), commands)
+        for key in ("start_step:a", "complete_step:a", "start_step:b"):
+            commands.answer.setdefault(key, asyncio.Event()).set()
+        await ctx.step("a", lambda: 1)
+        try:
+            await ctx.step("b", lambda: ran.append("b"))
+        except Exception:  # a workflow's own handler cannot swallow it
+            ran.append("swallowed")
+
+    with pytest.raises(HandedBack, match="completion failed"):
+        asyncio.run(scenario())
+    assert ran == []
 
 
 def test_every_refused_completion_of_parallel_steps_is_read_before_the_refusal_is_raised() -> None:
