@@ -143,15 +143,8 @@ def apply_batch(
     rebuild's swap between two batches is simply followed. A version being built belongs
     to its rebuild alone: it is written without that lock, so runners are not slowed.
     """
-    records = list(batch)
-    with conn.transaction():
-        if version is None:
-            s.lock(conn, schema, name)
-        target = _target(conn, schema, name, version)
-        result = _apply(conn, schema, name, records, read, target)
-        if result.applied:
-            s.set_position(conn, schema, name, result.version, result.position)
-    return result
+    versions = None if version is None else {name: version}
+    return apply_batches(conn, schema, [name], batch, read, versions=versions)[0]
 
 
 def apply_batches(
@@ -175,13 +168,7 @@ def apply_batches(
     with conn.transaction():
         if versions is None:
             s.lock_many(conn, schema, names)
-        rows = s.tracked(conn, schema)
-        if versions is None:
-            live = {t.name: t for t in rows if t.state == "live"}
-            targets = [_live(live, schema, name) for name in names]
-        else:
-            found = {(t.name, t.version): t for t in rows}
-            targets = [found[name, versions[name]] for name in names]
+        targets = _targets(conn, schema, names, versions)
         results = [
             _apply(conn, schema, name, records, read, target)
             for name, target in zip(names, targets, strict=True)
@@ -256,26 +243,29 @@ def catch_up(
 def _target(
     conn: psycopg.Connection[Any], schema: str, name: str, version: int | None
 ) -> s.Tracked:
-    rows = s.tracked(conn, schema, name)
-    if version is None:
-        return _live({t.name: t for t in rows if t.state == "live"}, schema, name)
-    found = next((t for t in rows if t.version == version), None)
-    if found is None:
-        raise ReadModelsMissingError(
-            f"projection {name!r} has no version {version} in {schema}.{s.TRACKING_TABLE}; "
-            "run `ledgerflow db init`"
-        )
-    return found
+    return _targets(conn, schema, [name], None if version is None else {name: version})[0]
 
 
-def _live(live: dict[str, s.Tracked], schema: str, name: str) -> s.Tracked:
-    found = live.get(name)
-    if found is None:
-        raise ReadModelsMissingError(
-            f"projection {name!r} has no live version in {schema}.{s.TRACKING_TABLE}; "
-            "run `ledgerflow db init`"
-        )
-    return found
+def _targets(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    names: Sequence[str],
+    versions: Mapping[str, int] | None,
+) -> list[s.Tracked]:
+    """The tracking row of each projection's live version, or of its given version."""
+    rows = s.tracked(conn, schema, names[0] if len(names) == 1 else None)
+    found = {(t.name, t.version if versions is not None else t.state): t for t in rows}
+    targets = []
+    for name in names:
+        key = (name, versions[name] if versions is not None else "live")
+        if key not in found:
+            what = f"version {key[1]}" if versions is not None else "a live version"
+            raise ReadModelsMissingError(
+                f"projection {name!r} has no {what} in {schema}.{s.TRACKING_TABLE}; "
+                "run `ledgerflow db init`"
+            )
+        targets.append(found[key])
+    return targets
 
 
 # ----------------------------------------------------------------------------- rebuild
