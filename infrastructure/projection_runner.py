@@ -82,7 +82,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     `db init`.
     """
     names = Names(settings.subject_prefix)
-    pool = await asyncio.to_thread(open_pool, settings, 2)
+    # One connection applies batches; the run counter's lookups (told of each committed
+    # catch-up batch while that connection is held) and the lag gauges take the others.
+    pool = await asyncio.to_thread(open_pool, settings, 3)
     app: WorkflowRuns | None = None
     try:
         positions = await asyncio.to_thread(_live_positions, pool, settings.db_schema)
