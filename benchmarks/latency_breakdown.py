@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import Any
 from uuid import UUID
 
+from benchmarks.vs_dbos import TWO_PROCESSES
 from benchmarks.workflows import running_ledgerflow, wait_ready
 from infrastructure.bootstrap import bootstrap
 from infrastructure.settings import Settings
@@ -28,8 +29,10 @@ from services.workflow_runs import WorkflowRuns
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--serve", default=TWO_PROCESSES, help="serve processes' roles, as vs_dbos")
     args = parser.parse_args()
-    with running_ledgerflow() as (settings, _):
+    serve = [tuple(r for r in group.split(",") if r) for group in args.serve.split("/")]
+    with running_ledgerflow(serve=serve) as (settings, _):
         run_ids = asyncio.run(sequential_runs(settings, args.runs))
         app = bootstrap(settings)
         try:

@@ -48,6 +48,15 @@ FETCH_BATCH = 500
 """Messages fetched (and applied in one transaction) at a time."""
 FETCH_TIMEOUT = 1.0
 """Seconds a fetch waits for messages; also how soon a stop is noticed when idle."""
+LINGER = 0.02
+"""Seconds a follower waits for more messages after a small fetch, before applying it.
+
+At low load each event would otherwise cost its own transaction (7 round trips and a
+commit): the transactions of the read models and the scheduler took CPU from the runs
+themselves (docs/performance.md, optimisation log). Read models lag by at most twice this
+more while the load is low; under load the batches are large and nobody waits."""
+LINGER_BELOW = 50
+"""A fetch of fewer messages than this lingers for more."""
 RETRY_DELAY = 1.0
 """Seconds before trying again after a failure (database or NATS down, stream missing)."""
 ACK_WAIT = 60.0
@@ -172,6 +181,8 @@ class ProjectionBuilder:
         pool: ConnectionPool[psycopg.Connection[Any]],
         read: Reader,
         projections: Iterable[str] = (),
+        *,
+        linger: float = LINGER,
     ) -> None:
         self.name = name
         """The consumer's name (and the projection's, for one alone)."""
@@ -182,6 +193,7 @@ class ProjectionBuilder:
         self.pool = pool
         self.read = read
         self.durable = names.consumer(name)
+        self.linger = linger
         self.position = 0
         """The last position this process saw committed by every one of its projections
         (others may be further on)."""
@@ -239,8 +251,18 @@ class ProjectionBuilder:
             # the stream was purged. The store is the truth: follow it.
             await self._catch_up_if_behind()
             return subscription
+        if len(messages) < LINGER_BELOW and self.linger > 0 and not stop.is_set():
+            messages = [*messages, *await self._more(subscription, FETCH_BATCH - len(messages))]
         await self._handle(messages)
         return subscription
+
+    async def _more(self, subscription: JetStreamContext.PullSubscription, up_to: int) -> list[Msg]:
+        """What else arrives within the linger (``LINGER``), to apply with a small fetch."""
+        await asyncio.sleep(self.linger)
+        try:
+            return list(await subscription.fetch(up_to, timeout=self.linger))
+        except TimeoutError:
+            return []
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription | None:
         stream = self.names.events_stream

@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 import nats
+import nats.js.errors
 import pytest
 from nats.js import JetStreamContext
 from psycopg import sql
@@ -35,10 +36,11 @@ from infrastructure.postgres.read_models import (
     catch_up,
     connect,
     init_read_models,
+    open_pool,
     rebuild,
     status,
 )
-from infrastructure.projection_runner import run
+from infrastructure.projection_runner import LIVE_CONSUMER, ProjectionBuilder, run
 from infrastructure.settings import Settings
 from projections.catalog import PROJECTIONS
 from projections.records import EventRecord
@@ -102,18 +104,21 @@ class Stream:
 
         async def publish(js: JetStreamContext) -> None:
             for record in records:
-                await js.publish(
-                    self.names.event_subject(record.aggregate, record.type),
-                    json.dumps(record.to_json()).encode(),
-                    headers={
-                        HEADER_MSG_ID: str(record.position),
-                        HEADER_POSITION: str(record.position),
-                        HEADER_PREV_POSITION: str(record.prev_position),
-                    },
-                )
-                self.published += 1
+                await self.publish_one(js, record)
 
         self._with_js(publish)
+
+    async def publish_one(self, js: JetStreamContext, record: EventRecord) -> None:
+        await js.publish(
+            self.names.event_subject(record.aggregate, record.type),
+            json.dumps(record.to_json()).encode(),
+            headers={
+                HEADER_MSG_ID: str(record.position),
+                HEADER_POSITION: str(record.position),
+                HEADER_PREV_POSITION: str(record.prev_position),
+            },
+        )
+        self.published += 1
 
     def exists(self) -> bool:
         found: list[bool] = []
@@ -423,6 +428,65 @@ def test_read_models_fed_through_jetstream_equal_a_fresh_rebuild(
         assert queries.projection_positions() == dict.fromkeys(
             ["inbound_events", "runs", "workflows"], workload.head()
         )
+
+
+def test_a_trickle_of_events_at_low_load_is_applied_in_one_transaction(
+    settings: Settings, app: WorkflowRuns, stream: Stream
+) -> None:
+    """After a small fetch the follower lingers for more: three events published 50 ms
+    apart reach the read models in one transaction, not three."""
+    committed: list[list[int]] = []
+    workload = Workload(app)  # its workflows are in the store: caught up from there
+
+    async def main() -> None:
+        pool = await asyncio.to_thread(open_pool, settings, 2)
+        nc = await nats.connect(settings.nats_url)
+        stop = asyncio.Event()
+        try:
+            js = nc.jetstream()
+            builder = ProjectionBuilder(
+                LIVE_CONSUMER,
+                settings.db_schema,
+                stream.names,
+                js,
+                pool,
+                partial(read_after, app),
+                projections=PROJECTIONS,
+                linger=0.5,
+            )
+            builder.observe["runs"] = lambda records: committed.append(
+                [r.position for r in records]
+            )
+            following = asyncio.create_task(builder.run(stop))
+            while not await _has_consumer(js, stream.names.events_stream, builder.durable):
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # past the catch-up from the store: fetching now
+            committed.clear()
+            records = await asyncio.to_thread(workload.more, 1)
+            for record in records[:3]:
+                await stream.publish_one(js, record)
+                await asyncio.sleep(0.05)
+            deadline = time.monotonic() + 10
+            while not committed and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            stop.set()
+            await following
+            assert committed, "nothing was applied"
+            assert committed[0] == [r.position for r in records[:3]]
+        finally:
+            stop.set()
+            await nc.close()
+            await asyncio.to_thread(pool.close)
+
+    asyncio.run(main())
+
+
+async def _has_consumer(js: JetStreamContext, stream: str, durable: str) -> bool:
+    try:
+        await js.consumer_info(stream, durable)
+    except nats.js.errors.NotFoundError:
+        return False
+    return True
 
 
 def test_a_purged_stream_loses_nothing_the_gap_is_filled_from_the_store(
