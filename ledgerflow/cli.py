@@ -7,7 +7,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -736,7 +736,6 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run service roles (commands, relay, projections, api) until SIGTERM."""
-    import asyncio
 
     from infrastructure.serve import ROLES
     from infrastructure.serve import serve as serve_roles
@@ -752,7 +751,7 @@ def serve(
     _require_nats(settings)
     try:
         with telemetry(settings, role="serve", level=log_level):  # logs, traces, metrics port
-            asyncio.run(serve_roles(settings, roles))
+            _run_loop(serve_roles(settings, roles))
     except OSError as e:  # NATS or the database gone since, a port already in use
         _fail("unavailable", str(e), Exit.UNAVAILABLE)
     except (ReadModelsMissingError, SchedulerTablesMissingError) as e:
@@ -788,7 +787,7 @@ def worker(
 
     try:
         with telemetry(settings, role="worker", level=log_level):  # logs, traces, metrics port
-            asyncio.run(serve_flow())
+            _run_loop(serve_flow())
     except OSError as e:  # unreachable NATS, a metrics port in use
         _fail("unavailable", str(e), Exit.UNAVAILABLE)
 
@@ -839,6 +838,21 @@ def dev(
             )
     except OSError as e:  # the port in use, the store's folder not writable
         _fail("unavailable", str(e), Exit.UNAVAILABLE, hint="try another --port or --db")
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run``, on uvloop's event loop where it is installed (it is a dependency;
+    a platform without it runs on asyncio's own loop): serve and the worker spend much of
+    their time in the event loop and its transports (docs/performance.md, row 13)."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 def _say(line: str) -> None:

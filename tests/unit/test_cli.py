@@ -521,3 +521,20 @@ def test_serve_with_no_database_at_its_url_says_which_and_how_to_start_one() -> 
     assert result.exit_code == 3
     err = flat(result.stderr)
     assert f"127.0.0.1:{port}" in err and "make up" in err
+
+
+def test_the_long_running_commands_run_on_uvloop() -> None:
+    """serve and worker use uvloop's event loop, a dependency (docs/performance.md, row 13)."""
+    import asyncio
+
+    import uvloop
+
+    from ledgerflow.cli import _run_loop
+
+    seen: list[object] = []
+
+    async def main() -> None:
+        seen.append(asyncio.get_running_loop())
+
+    _run_loop(main())
+    assert isinstance(seen[0], uvloop.Loop)
