@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,8 +27,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def service(postgres_server_url: str) -> Iterator[tuple[Settings, httpx.Client]]:
-    """`ledgerflow serve` on a fresh database, a private prefix and a free port."""
+def service(postgres_server_url: str, tmp_path: Path) -> Iterator[tuple[Settings, httpx.Client]]:
+    """`ledgerflow serve` on a fresh database, a private prefix and a free port.
+
+    Its output goes to a file: a pipe nobody reads fills up (64 KiB of access log lines)
+    and blocks the process's next log line, and with it the API."""
     params = PostgresParams.from_url(postgres_server_url)
     settings = Settings(
         database_url=params.url(f"ledgerflow_e2e_{uuid.uuid4().hex[:8]}"),
@@ -39,30 +43,33 @@ def service(postgres_server_url: str) -> Iterator[tuple[Settings, httpx.Client]]
         **os.environ,
         **settings.as_env(),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ledgerflow", "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ledgerflow", "serve"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     client = httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=10)
     try:
         deadline = time.monotonic() + 30
         while not _healthy(client):
-            assert process.poll() is None, process.communicate()[0]
+            assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "the service never became healthy"
             time.sleep(0.1)  # still starting: poll until healthy
         yield settings, client
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
+        process.wait(timeout=30)
+        output = log_path.read_text()
         assert process.returncode == 0, output
         assert "stopped" in output
     finally:
         client.close()
         if process.poll() is None:
             process.kill()
-            process.communicate()
+            process.wait()
         try:
             asyncio.run(delete_streams(settings))  # each reserves 1 GiB on nats-server
         finally:
