@@ -86,6 +86,20 @@ class RetriesExhaustedError(InvalidStateError):
     reason = "retries_exhausted"
 
 
+class StepsPendingError(InvalidStateError):
+    """``complete_run`` names steps whose completions are not recorded yet: a completion
+    sent just before it has not been applied (or was refused). ADR 16."""
+
+    reason = "steps_pending"
+
+    def __init__(self, run_id: UUID, steps: list[str]) -> None:
+        super().__init__(
+            f"run {run_id} cannot complete before step(s) {', '.join(map(repr, steps))} "
+            "have completed"
+        )
+        self.steps = steps
+
+
 class NotPendingError(InvalidStateError):
     """A timer, wait or child of that name was never started in this run."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -19,6 +20,7 @@ from domain.errors import (
     RunNotActiveError,
     StepAlreadyCompletedError,
     StepNotFoundError,
+    StepsPendingError,
     SupersededError,
 )
 from domain.ids import inbound_event_id, sent_event_id
@@ -582,12 +584,21 @@ class WorkflowRun(Aggregate):
         self.sent_events[name] = event_id
 
     # ------------------------------------------------------------------- ending the run
-    def complete(self, output: JSON) -> None:
+    def complete(self, output: JSON, after_steps: Sequence[str] = ()) -> None:
+        """Complete the run; with ``after_steps``, only once those steps have completed
+        (their completions were sent just before, unanswered: ADR 16)."""
         if self.status is RunStatus.COMPLETED:
             return
         self._check_not_ended()
         if self.status is RunStatus.COMPENSATING:
             raise InvalidStateError(f"run {self.id} is compensating and cannot complete")
+        pending = [
+            step
+            for step in dict.fromkeys(after_steps)
+            if (state := self.steps.get(step)) is None or state.status is not StepStatus.COMPLETED
+        ]
+        if pending:
+            raise StepsPendingError(self.id, pending)
         self._run_completed(output)
 
     @event(RunCompleted)

@@ -215,6 +215,7 @@ class RunContext:
         self._idle = asyncio.Event()
         self._idle.set()
         self._completing: list[asyncio.Future[dict[str, Any]]] = []
+        self._completing_steps: dict[asyncio.Future[dict[str, Any]], str] = {}
 
     def idempotency_key(self, step: str) -> str:
         """A step's stable key, the same on every attempt: pass it to external services."""
@@ -453,8 +454,28 @@ class RunContext:
         A crash meanwhile is a crash before the completion was recorded: the step runs
         again on the next hand-off, as it always could.
         """
-        self._completing.append(asyncio.ensure_future(self._command("complete_step", **body)))
+        completing = asyncio.ensure_future(self._command("complete_step", **body))
+        self._completing.append(completing)
+        self._completing_steps[completing] = str(body["step"])
         await asyncio.sleep(0)  # lets the request go out now, ahead of the next command
+
+    def end_after_completions(self, output: Any) -> asyncio.Future[dict[str, Any]] | None:
+        """Send ``complete_run`` now, behind the completions still unanswered, naming
+        their steps (``after_steps``): the service completes the run only once they have
+        completed, so the run's end costs no round trip of its own (ADR 16).
+
+        None when every completion is answered: the caller sends ``complete_run`` itself.
+        The future's refusal ``steps_pending`` means a completion was not applied first
+        (another command-service instance took it, or it was refused): the caller waits
+        for the completions (:meth:`settled`) and sends ``complete_run`` again.
+        """
+        if all(f.done() for f in self._completing_steps):
+            return None
+        # Every completion not yet read by _completions, answered or not: one refused
+        # leaves its step incomplete, so the run is refused too.
+        steps = list(dict.fromkeys(self._completing_steps.values()))
+        body = {"run_id": self.run_id, "output": output, "after_steps": steps}
+        return asyncio.ensure_future(self._send("complete_run", body))
 
     async def _completions(self) -> None:
         """Wait for the replies of the completions sent so far; raise the first refusal."""
@@ -466,6 +487,8 @@ class RunContext:
         if waiting := [reply for reply in sent if not reply.done()]:
             await asyncio.wait(waiting)
         self._completing = [f for f in self._completing if not f.done()]
+        for done in [f for f in self._completing_steps if f.done()]:
+            del self._completing_steps[done]
         failures: list[BaseException] = []
         for reply in sent:
             failure = asyncio.CancelledError() if reply.cancelled() else reply.exception()

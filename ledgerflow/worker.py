@@ -11,6 +11,7 @@ import socket
 from enum import StrEnum
 from typing import Any
 
+from domain.errors import InvalidCommandError, InvalidStateError, StepsPendingError
 from infrastructure.settings import Settings
 from ledgerflow import _transport
 from ledgerflow._ports import Task, TaskQueue, Transport
@@ -209,11 +210,19 @@ class Worker:
         ctx = RunContext(
             run, self._send, task.dispatch, stopping=lambda: self._stopping, reason=task.reason
         )
+        ending: asyncio.Future[dict[str, Any]] | None = None
         try:
             try:
                 output = await self._call(workflow, ctx, run)
+                ending = ctx.end_after_completions(encode(output))
             finally:
-                await ctx.settled()
+                try:
+                    await ctx.settled()
+                except BaseException:
+                    if ending is not None:  # refused too (its steps did not complete)
+                        await asyncio.wait([ending])
+                        _ = ending.cancelled() or ending.exception()
+                    raise
         except Suspended as why:
             log.info("run %s: suspended (%s)", task.run_id, why)
             return Outcome.ACK
@@ -230,9 +239,25 @@ class Worker:
             log.info("run %s: failed with %s: %s", task.run_id, type(e).__name__, e)
             await self._send("fail_run", {"run_id": task.run_id, "error": error_of(e)})
             return Outcome.ACK  # any compensation is the next dispatch's (see _compensate)
-        await self._send("complete_run", {"run_id": task.run_id, "output": encode(output)})
+        await self._complete_run(task.run_id, output, ending)
         log.info("run %s: completed", task.run_id)
         return Outcome.ACK
+
+    async def _complete_run(
+        self, run_id: str, output: Any, ending: asyncio.Future[dict[str, Any]] | None
+    ) -> None:
+        """The run's end: the one sent behind the last completions (ADR 16), or, when
+        there was none or it came too early, ``complete_run`` now."""
+        if ending is not None:
+            try:
+                await ending
+                return
+            except InvalidStateError as e:
+                if e.reason != StepsPendingError.reason:
+                    raise
+            except InvalidCommandError:
+                pass  # a service older than ADR 16 (no after_steps); or refused again below
+        await self._send("complete_run", {"run_id": run_id, "output": encode(output)})
 
     async def _call(self, workflow: Workflow, ctx: RunContext, run: dict[str, Any]) -> Any:
         fn: Any = workflow.fn

@@ -155,6 +155,11 @@ class EmitEvent(RunCommand):
 
 class CompleteRun(RunCommand):
     output: JSONValue = None
+    after_steps: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=list, max_length=1000
+    )
+    """Steps whose completions were sent just before and are not answered yet: the run
+    completes only once they have (else ``steps_pending``; ADR 16)."""
 
 
 class FailRun(RunCommand):

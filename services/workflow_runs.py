@@ -651,7 +651,7 @@ def _emit_event(app: WorkflowRuns, uow: UnitOfWork, cmd: c.EmitEvent) -> Reply:
 
 @handles(c.CompleteRun)
 def _complete_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.CompleteRun) -> Reply:
-    _run(uow, cmd.run_id).complete(cmd.output)
+    _run(uow, cmd.run_id).complete(cmd.output, cmd.after_steps)
     return Applied()
 
 

@@ -295,3 +295,40 @@ def test_an_unexpected_failure_answers_internal_and_the_service_keeps_serving(
     finally:
         broken.close()
         app.close()
+
+
+def test_a_run_end_sent_behind_its_last_completion_waits_for_it_over_nats(
+    database_settings: Settings,
+) -> None:
+    """ADR 16: ``complete_run`` naming a step in flight is refused (``steps_pending``) and
+    appends nothing; sent right behind the step's completion, it follows it."""
+
+    runs: list[str] = []
+
+    async def scenario(call: Call) -> None:
+        run = (await call("start_run", {"workflow": "orders"}))["run_id"]
+        runs.append(run)
+        assert (await call("start_step", {"run_id": run, "step": "a", "attempt": 1}))["ok"]
+        early = await call("complete_run", {"run_id": run, "output": 1, "after_steps": ["a"]})
+        assert early["ok"] is False
+        assert early["error"]["code"] == "invalid_state"
+        assert early["error"]["details"] == [{"reason": "steps_pending"}]
+        completion = asyncio.ensure_future(
+            call("complete_step", {"run_id": run, "step": "a", "attempt": 1, "output": 2})
+        )
+        await asyncio.sleep(0)  # the completion's request leaves first
+        end = await call("complete_run", {"run_id": run, "output": 3, "after_steps": ["a"]})
+        assert (await completion)["ok"] and end["ok"], end
+        assert end["position"] > (await completion)["position"]
+
+    app = bootstrap(database_settings)
+    try:
+        asyncio.run(_with(app, database_settings, _registered(scenario)))
+        run = app.get_run(uuid.UUID(runs[0]))
+        assert (run.status, run.output) == ("completed", 3)
+        assert [type(e).__name__ for e in app.events.get(run.id)][-2:] == [
+            "StepCompleted",
+            "RunCompleted",
+        ]
+    finally:
+        app.close()

@@ -21,6 +21,7 @@ from domain.errors import (
     RunNotFoundError,
     StepAlreadyCompletedError,
     StepNotFoundError,
+    StepsPendingError,
     UnknownWorkflowError,
 )
 from domain.ids import child_run_id, inbound_event_id, run_id_for, sent_event_id
@@ -1088,3 +1089,33 @@ def test_objects_with_other_underscore_keys_are_stored_and_read_back_as_given() 
     payload = {"_type_": "mine", "_data_": 1, "more": True}
     s = Scenario().given(register(), start(input=payload))
     assert s.run(RUN).input == payload
+
+
+# ------------------------------------------------- complete_run after its completions (ADR 16)
+def test_a_run_completes_after_the_steps_it_names_have_completed() -> None:
+    s = started().given(step("charge"), complete("charge"), step("ship"), complete("ship"))
+    s.when(c.CompleteRun(run_id=RUN, output={"ok": True}, after_steps=["charge", "ship"]))
+    s.then_events(["RunCompleted"])
+    assert s.run(RUN).output == {"ok": True}
+
+
+def test_a_run_naming_a_step_still_in_flight_is_refused_as_steps_pending_and_unchanged() -> None:
+    s = started().given(step("charge"), complete("charge"), step("ship"))
+    s.when(c.CompleteRun(run_id=RUN, output=1, after_steps=["charge", "ship", "never"]))
+    error = s.then_error(StepsPendingError)
+    assert error.reason == "steps_pending"
+    assert error.details == [{"reason": "steps_pending"}]
+    assert "'ship', 'never'" in error.message
+    assert status(s) is RunStatus.RUNNING
+
+
+def test_a_completed_run_takes_a_repeat_naming_any_steps_as_done() -> None:
+    s = started().given(c.CompleteRun(run_id=RUN, output=1))
+    s.when(c.CompleteRun(run_id=RUN, output=1, after_steps=["never"])).then_events([])
+
+
+def test_after_steps_are_step_names_and_at_most_a_thousand() -> None:
+    with pytest.raises(ValidationError):
+        c.CompleteRun(run_id=RUN, after_steps=[""])
+    with pytest.raises(ValidationError):
+        c.CompleteRun(run_id=RUN, after_steps=["s"] * 1001)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from unittest.mock import ANY
 
 import pytest
@@ -13,6 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from domain.errors import InvalidStateError, RunNotFoundError
 from ledgerflow import Flow, NonRetryableError, RetryPolicy, RunContext, StepFailedError
+from ledgerflow._ports import Transport
 from ledgerflow.context import HandedBack, Refused, Superseded, Suspended, step_timeout
 from ledgerflow.errors import CommandError, error_for
 from ledgerflow.flow import workflow_name
@@ -513,3 +514,114 @@ def test_every_refused_completion_of_parallel_steps_is_read_before_the_refusal_i
 
     ctx = asyncio.run(scenario())
     assert ctx._completing == []  # nothing left unread
+
+
+# ------------------------------------------------------ the run's end behind its completions
+def test_the_run_end_goes_out_behind_an_unanswered_completion_naming_its_step() -> None:
+    commands = SlowCommands()
+
+    async def scenario() -> None:
+        ctx = context(snapshot(), commands)
+        commands.answer.setdefault("start_step:a", asyncio.Event()).set()
+        await ctx.step("a", lambda: 1)
+        ending = ctx.end_after_completions({"sum": 1})
+        assert ending is not None
+        while commands.names[-1:] != ["complete_run"]:
+            await asyncio.sleep(0.001)
+        # sent before a's completion was answered, and after it on the wire
+        assert commands.names == ["start_step", "complete_step", "complete_run"]
+        assert commands.sent[-1][1] == {
+            "run_id": RUN_ID,
+            "output": {"sum": 1},
+            "after_steps": ["a"],
+        }
+        commands.answer.setdefault("complete_step:a", asyncio.Event()).set()
+        commands.answer.setdefault("complete_run:None", asyncio.Event()).set()
+        await ctx.settled()
+        assert (await ending)["ok"]
+
+    asyncio.run(scenario())
+
+
+def test_with_every_completion_answered_the_worker_sends_the_end_itself() -> None:
+    commands = FakeCommands()
+
+    async def scenario() -> None:
+        ctx = context(snapshot(), commands)
+        await ctx.step("a", lambda: 1)
+        await ctx.settled()
+        assert ctx.end_after_completions(1) is None
+
+    asyncio.run(scenario())
+    assert commands.names == ["start_step", "complete_step"]
+
+
+class EndingCommands(FakeCommands):
+    """complete_run with after_steps is refused with ``refusal``; a plain one applies."""
+
+    def __init__(self, refusal: Exception) -> None:
+        super().__init__()
+        self.refusal = refusal
+
+    async def __call__(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        if name == "complete_run" and "after_steps" in body:
+            self.sent.append((name, body))
+            raise self.refusal
+        return await super().__call__(name, body)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        error_for("invalid_state", "too early", [{"reason": "steps_pending"}]),
+        error_for("invalid_command", "no after_steps here"),  # a service older than ADR 16
+    ],
+)
+def test_an_end_that_came_before_its_completions_is_sent_again_plainly(
+    refusal: Exception,
+) -> None:
+    from infrastructure.settings import Settings
+    from ledgerflow.worker import Worker
+
+    commands = EndingCommands(refusal)
+    worker = Worker(Flow("f"), Settings(), transport=cast(Transport, _Sending(commands)))
+
+    async def scenario() -> None:
+        ending = asyncio.ensure_future(
+            commands("complete_run", {"run_id": RUN_ID, "output": 2, "after_steps": ["a"]})
+        )
+        await worker._complete_run(RUN_ID, 2, ending)
+
+    asyncio.run(scenario())
+    assert commands.sent == [
+        ("complete_run", {"run_id": RUN_ID, "output": 2, "after_steps": ["a"]}),
+        ("complete_run", {"run_id": RUN_ID, "output": 2}),
+    ]
+
+
+def test_an_end_refused_for_another_reason_is_raised() -> None:
+    from infrastructure.settings import Settings
+    from ledgerflow.worker import Worker
+
+    commands = EndingCommands(error_for("invalid_state", "run r is cancelled"))
+    worker = Worker(Flow("f"), Settings(), transport=cast(Transport, _Sending(commands)))
+
+    async def scenario() -> None:
+        ending = asyncio.ensure_future(
+            commands("complete_run", {"run_id": RUN_ID, "output": 2, "after_steps": ["a"]})
+        )
+        await worker._complete_run(RUN_ID, 2, ending)
+
+    with pytest.raises(InvalidStateError, match="cancelled"):
+        asyncio.run(scenario())
+    assert commands.names == ["complete_run"]
+
+
+class _Sending:
+    """The part of a Transport a worker's commands use."""
+
+    def __init__(self, commands: FakeCommands) -> None:
+        self.commands = commands
+
+    async def command(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.commands(name, body)
