@@ -60,9 +60,57 @@ def test_a_command_sees_what_another_instance_wrote_after_its_cached_version(
     assert RUN in app.cache
     app.complete_step(c.CompleteStep(run_id=RUN, step="ship", attempt=1, output=8))
     run = app.get_run(RUN)  # read from the store alone
-    assert run.version == version + 3  # no conflict: the cached run was caught up first
+    assert run.version == version + 3  # decided again on the store's state: nothing lost
     assert {name: s.output for name, s in run.steps.items()} == {"charge": 7, "ship": 8}
     assert loaded(app)["steps"]["charge"]["status"] == "completed"
+
+
+def test_a_step_command_alone_is_decided_on_its_cached_run_and_again_after_a_conflict(
+    app: WorkflowRuns, store: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TRUSTING: no read of the store before deciding; the insert's version check catches
+    a run another instance moved on, and the command is decided again on the store's."""
+    app.start_step(c.StartStep(run_id=RUN, step="charge", attempt=1))
+    other = bootstrap(store)
+    try:
+        other.complete_step(c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=7))
+    finally:
+        other.close()
+    inserts: list[str] = []
+    insert = app.recorder.insert_events
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = insert(*args, **kwargs)
+        except Exception as e:
+            inserts.append(type(e).__name__)
+            raise
+        inserts.append("ok")
+        return result
+
+    monkeypatch.setattr(app.recorder, "insert_events", counted)
+    app.complete_step(c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=8))
+    # Refused by the version check; decided again on the store's state, where the
+    # step has completed already: the first outcome stands and nothing is appended.
+    assert inserts == ["IntegrityError"]
+    assert app.get_run(RUN).steps["charge"].output == 7
+    assert loaded(app)["steps"]["charge"]["output"] == 7
+    app.start_step(c.StartStep(run_id=RUN, step="ship", attempt=1))
+    assert inserts == ["IntegrityError", "ok"]  # cached as stored now
+
+
+def test_a_refusal_on_a_stale_cached_run_is_decided_again_on_the_stores(
+    app: WorkflowRuns, store: Settings
+) -> None:
+    app.start_step(c.StartStep(run_id=RUN, step="charge", attempt=1))  # cached
+    other = bootstrap(store)
+    try:
+        other.start_step(c.StartStep(run_id=RUN, step="ship", attempt=1))
+    finally:
+        other.close()
+    # The cached run has no step "ship": refused there, applied on the store's state.
+    app.complete_step(c.CompleteStep(run_id=RUN, step="ship", attempt=1, output=1))
+    assert app.get_run(RUN).steps["ship"].status is StepStatus.COMPLETED
 
 
 def test_a_batch_whose_save_fails_leaves_nothing_of_its_decisions_in_the_cache(
