@@ -261,8 +261,8 @@ class ProjectionBuilder:
         await asyncio.sleep(self.linger)
         try:
             return list(await subscription.fetch(up_to, timeout=self.linger))
-        except TimeoutError:
-            return []
+        except (TimeoutError, nats.errors.Error):
+            return []  # what was fetched first is applied; NATS trouble shows on the next fetch
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription | None:
         stream = self.names.events_stream

@@ -64,6 +64,15 @@ class Refused(Interrupt):
         self.reason = reason
 
 
+@dataclass
+class EarlyEnd:
+    """A ``complete_run`` sent behind unanswered completions (ADR 16): its body, and its
+    reply to come."""
+
+    body: dict[str, Any]
+    reply: asyncio.Future[dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class Compensation:
     step: str
@@ -459,23 +468,24 @@ class RunContext:
         self._completing_steps[completing] = str(body["step"])
         await asyncio.sleep(0)  # lets the request go out now, ahead of the next command
 
-    def end_after_completions(self, output: Any) -> asyncio.Future[dict[str, Any]] | None:
+    def end_after_completions(self, output: Any) -> EarlyEnd | None:
         """Send ``complete_run`` now, behind the completions still unanswered, naming
         their steps (``after_steps``): the service completes the run only once they have
         completed, so the run's end costs no round trip of its own (ADR 16).
 
-        None when every completion is answered: the caller sends ``complete_run`` itself.
-        The future's refusal ``steps_pending`` means a completion was not applied first
-        (another command-service instance took it, or it was refused): the caller waits
-        for the completions (:meth:`settled`) and sends ``complete_run`` again.
+        None when every completion is answered, or a step's function is still running
+        (a race the workflow did not wait for): the worker then waits (:meth:`settled`)
+        and sends ``complete_run`` itself. A ``steps_pending`` refusal means a completion
+        was not applied first (another command-service instance took it, or it changed
+        nothing): the worker sends the same end again once the completions are answered.
         """
-        if all(f.done() for f in self._completing_steps):
+        if self._inflight or all(f.done() for f in self._completing_steps):
             return None
         # Every completion not yet read by _completions, answered or not: one refused
         # leaves its step incomplete, so the run is refused too.
         steps = list(dict.fromkeys(self._completing_steps.values()))
         body = {"run_id": self.run_id, "output": output, "after_steps": steps}
-        return asyncio.ensure_future(self._send("complete_run", body))
+        return EarlyEnd(body, asyncio.ensure_future(self._send("complete_run", body)))
 
     async def _completions(self) -> None:
         """Wait for the replies of the completions sent so far; raise the first refusal."""

@@ -17,6 +17,7 @@ from ledgerflow import _transport
 from ledgerflow._ports import Task, TaskQueue, Transport
 from ledgerflow._telemetry import in_task_scope
 from ledgerflow.context import (
+    EarlyEnd,
     HandedBack,
     Refused,
     RunContext,
@@ -210,18 +211,18 @@ class Worker:
         ctx = RunContext(
             run, self._send, task.dispatch, stopping=lambda: self._stopping, reason=task.reason
         )
-        ending: asyncio.Future[dict[str, Any]] | None = None
+        ending: EarlyEnd | None = None
         try:
             try:
                 output = await self._call(workflow, ctx, run)
-                ending = ctx.end_after_completions(encode(output))
+                ending = _early_end(ctx, output)
             finally:
                 try:
                     await ctx.settled()
                 except BaseException:
                     if ending is not None:  # refused too (its steps did not complete)
-                        await asyncio.wait([ending])
-                        _ = ending.cancelled() or ending.exception()
+                        await asyncio.wait([ending.reply])
+                        _ = ending.reply.cancelled() or ending.reply.exception()
                     raise
         except Suspended as why:
             log.info("run %s: suspended (%s)", task.run_id, why)
@@ -239,25 +240,40 @@ class Worker:
             log.info("run %s: failed with %s: %s", task.run_id, type(e).__name__, e)
             await self._send("fail_run", {"run_id": task.run_id, "error": error_of(e)})
             return Outcome.ACK  # any compensation is the next dispatch's (see _compensate)
-        await self._complete_run(task.run_id, output, ending)
-        log.info("run %s: completed", task.run_id)
-        return Outcome.ACK
+        return await self._complete_run(task.run_id, output, ending)
 
-    async def _complete_run(
-        self, run_id: str, output: Any, ending: asyncio.Future[dict[str, Any]] | None
-    ) -> None:
-        """The run's end: the one sent behind the last completions (ADR 16), or, when
-        there was none or it came too early, ``complete_run`` now."""
+    async def _complete_run(self, run_id: str, output: Any, ending: EarlyEnd | None) -> Outcome:
+        """The run's end: the one sent behind the last completions (ADR 16), again if it
+        came too early; or, without one, ``complete_run`` now."""
         if ending is not None:
             try:
-                await ending
-                return
+                await ending.reply
+                log.info("run %s: completed", run_id)
+                return Outcome.ACK
             except InvalidStateError as e:
                 if e.reason != StepsPendingError.reason:
                     raise
+                return await self._complete_again(run_id, ending)
             except InvalidCommandError:
                 pass  # a service older than ADR 16 (no after_steps); or refused again below
         await self._send("complete_run", {"run_id": run_id, "output": encode(output)})
+        log.info("run %s: completed", run_id)
+        return Outcome.ACK
+
+    async def _complete_again(self, run_id: str, ending: EarlyEnd) -> Outcome:
+        """The end came before a completion was applied. The completions are answered
+        now, so the guard decides for good: a step that still has not completed (its
+        completion changed nothing: it had failed or was retried meanwhile) must not be
+        skipped, and the run goes back for a replay that meets the step as it stands."""
+        try:
+            await self._send("complete_run", ending.body)
+        except InvalidStateError as e:
+            if e.reason != StepsPendingError.reason:
+                raise
+            log.warning("run %s: %s; handing the run back", run_id, e)
+            return Outcome.NAK
+        log.info("run %s: completed", run_id)
+        return Outcome.ACK
 
     async def _call(self, workflow: Workflow, ctx: RunContext, run: dict[str, Any]) -> Any:
         fn: Any = workflow.fn
@@ -311,3 +327,14 @@ class Worker:
     async def _send(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         assert self._transport is not None
         return await self._transport.command(name, body)
+
+
+def _early_end(ctx: RunContext, output: Any) -> EarlyEnd | None:
+    """The run's end sent at once behind its completions (ADR 16), when it can be. An
+    output that cannot be encoded is left to ``complete_run``, which raises it outside
+    the workflow's error handling, as before."""
+    try:
+        encoded = encode(output)
+    except Exception:
+        return None
+    return ctx.end_after_completions(encoded)

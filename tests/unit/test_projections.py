@@ -364,3 +364,34 @@ def test_an_events_data_becomes_plain_json_whatever_its_python_types() -> None:
     }
     with pytest.raises(TypeError):
         jsonable(object())
+
+
+def test_a_linger_that_meets_nats_trouble_applies_what_was_fetched_first() -> None:
+    """``ProjectionBuilder._more``: a timeout or a NATS error while lingering adds
+    nothing; the batch fetched first is still applied (and acked after its commit)."""
+    import asyncio
+    from typing import cast
+
+    import nats.errors
+
+    from infrastructure.nats.names import Names
+    from infrastructure.projection_runner import ProjectionBuilder
+
+    class Failing:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        async def fetch(self, batch: int, timeout: float) -> list[object]:
+            raise self.error
+
+    builder = ProjectionBuilder(
+        "read_models",
+        "public",
+        Names("p"),
+        cast(Any, None),
+        cast(Any, None),
+        cast(Any, None),
+        linger=0.001,
+    )
+    for error in (TimeoutError(), nats.errors.ConnectionClosedError()):
+        assert asyncio.run(builder._more(cast(Any, Failing(error)), 10)) == []

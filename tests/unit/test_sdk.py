@@ -17,6 +17,7 @@ from ledgerflow._ports import Transport
 from ledgerflow.context import HandedBack, Refused, Superseded, Suspended, step_timeout
 from ledgerflow.errors import CommandError, error_for
 from ledgerflow.flow import workflow_name
+from ledgerflow.worker import Outcome
 
 RUN_ID = "00000000-0000-0000-0000-000000000001"
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -538,7 +539,7 @@ def test_the_run_end_goes_out_behind_an_unanswered_completion_naming_its_step() 
         commands.answer.setdefault("complete_step:a", asyncio.Event()).set()
         commands.answer.setdefault("complete_run:None", asyncio.Event()).set()
         await ctx.settled()
-        assert (await ending)["ok"]
+        assert (await ending.reply)["ok"]
 
     asyncio.run(scenario())
 
@@ -557,64 +558,119 @@ def test_with_every_completion_answered_the_worker_sends_the_end_itself() -> Non
 
 
 class EndingCommands(FakeCommands):
-    """complete_run with after_steps is refused with ``refusal``; a plain one applies."""
+    """complete_run with after_steps is refused with ``refusal`` ``times`` times."""
 
-    def __init__(self, refusal: Exception) -> None:
+    def __init__(self, refusal: Exception, times: int = 1) -> None:
         super().__init__()
         self.refusal = refusal
+        self.times = times
 
     async def __call__(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        if name == "complete_run" and "after_steps" in body:
+        if name == "complete_run" and "after_steps" in body and self.times > 0:
+            self.times -= 1
             self.sent.append((name, body))
             raise self.refusal
         return await super().__call__(name, body)
 
 
-@pytest.mark.parametrize(
-    "refusal",
-    [
-        error_for("invalid_state", "too early", [{"reason": "steps_pending"}]),
-        error_for("invalid_command", "no after_steps here"),  # a service older than ADR 16
-    ],
-)
-def test_an_end_that_came_before_its_completions_is_sent_again_plainly(
-    refusal: Exception,
-) -> None:
+GUARDED = {"run_id": RUN_ID, "output": 2, "after_steps": ["a"]}
+STEPS_PENDING = error_for("invalid_state", "too early", [{"reason": "steps_pending"}])
+
+
+def _complete_run(commands: FakeCommands) -> Outcome:
     from infrastructure.settings import Settings
+    from ledgerflow.context import EarlyEnd
     from ledgerflow.worker import Worker
 
-    commands = EndingCommands(refusal)
     worker = Worker(Flow("f"), Settings(), transport=cast(Transport, _Sending(commands)))
 
-    async def scenario() -> None:
-        ending = asyncio.ensure_future(
-            commands("complete_run", {"run_id": RUN_ID, "output": 2, "after_steps": ["a"]})
-        )
-        await worker._complete_run(RUN_ID, 2, ending)
+    async def scenario() -> Outcome:
+        ending = EarlyEnd(dict(GUARDED), asyncio.ensure_future(commands("complete_run", GUARDED)))
+        return await worker._complete_run(RUN_ID, 2, ending)
 
-    asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_an_end_that_came_before_its_completion_is_sent_again_with_its_guard() -> None:
+    commands = EndingCommands(STEPS_PENDING)
+    assert _complete_run(commands) == Outcome.ACK
+    assert commands.sent == [("complete_run", GUARDED), ("complete_run", GUARDED)]
+
+
+def test_an_end_whose_step_never_completed_hands_the_run_back_instead_of_completing_it() -> None:
+    """A completion that changed nothing (the step had failed meanwhile) is answered ok;
+    the guard still refuses the end, and the run goes back for a replay."""
+    commands = EndingCommands(STEPS_PENDING, times=2)
+    assert _complete_run(commands) == Outcome.NAK
+    assert commands.names == ["complete_run", "complete_run"]  # never unguarded
+
+
+def test_a_service_older_than_adr_16_gets_a_plain_end() -> None:
+    commands = EndingCommands(error_for("invalid_command", "no after_steps here"))
+    assert _complete_run(commands) == Outcome.ACK
     assert commands.sent == [
-        ("complete_run", {"run_id": RUN_ID, "output": 2, "after_steps": ["a"]}),
+        ("complete_run", GUARDED),
         ("complete_run", {"run_id": RUN_ID, "output": 2}),
     ]
 
 
 def test_an_end_refused_for_another_reason_is_raised() -> None:
+    commands = EndingCommands(error_for("invalid_state", "run r is cancelled"))
+    with pytest.raises(InvalidStateError, match="cancelled"):
+        _complete_run(commands)
+    assert commands.names == ["complete_run"]
+
+
+def test_no_end_goes_out_early_while_a_step_of_the_run_is_still_running() -> None:
+    """A workflow that returns the first of two raced steps: the other is still running,
+    and its completion must be recorded before the run completes (ADR 15)."""
+    commands = SlowCommands()
+
+    async def scenario() -> None:
+        ctx = context(snapshot(), commands)
+        for key in ("start_step:fast", "start_step:slow"):
+            commands.answer.setdefault(key, asyncio.Event()).set()
+        release = asyncio.Event()
+
+        async def slow() -> int:
+            await release.wait()
+            return 2
+
+        racing = asyncio.ensure_future(ctx.step("slow", slow))
+        assert await ctx.step("fast", lambda: 1) == 1
+        assert ctx.end_after_completions(1) is None  # "slow" is in flight
+        release.set()
+        for key in ("complete_step:fast", "complete_step:slow"):
+            commands.answer.setdefault(key, asyncio.Event()).set()
+        await ctx.settled()
+        await racing
+
+    asyncio.run(scenario())
+    assert "complete_run" not in commands.names
+
+
+def test_an_output_that_cannot_be_encoded_is_not_a_failed_run() -> None:
+    """It is raised out of the task (which the worker naks), as before ADR 16, not
+    recorded as the workflow's own failure."""
     from infrastructure.settings import Settings
     from ledgerflow.worker import Worker
 
-    commands = EndingCommands(error_for("invalid_state", "run r is cancelled"))
-    worker = Worker(Flow("f"), Settings(), transport=cast(Transport, _Sending(commands)))
+    flow = Flow("f")
 
-    async def scenario() -> None:
-        ending = asyncio.ensure_future(
-            commands("complete_run", {"run_id": RUN_ID, "output": 2, "after_steps": ["a"]})
-        )
-        await worker._complete_run(RUN_ID, 2, ending)
+    @flow.workflow()
+    async def wf(ctx: RunContext) -> object:
+        await ctx.step("a", lambda: 1)
+        return object()
 
-    with pytest.raises(InvalidStateError, match="cancelled"):
-        asyncio.run(scenario())
-    assert commands.names == ["complete_run"]
+    commands = FakeCommands(snapshot(workflow=workflow_name(wf)))
+    worker = Worker(flow, Settings(), transport=cast(Transport, _Sending(commands)))
+
+    class Task:
+        run_id, dispatch, reason = RUN_ID, 1, "start"
+
+    with pytest.raises((TypeError, ValueError)):
+        asyncio.run(worker._process(Task()))  # type: ignore[arg-type]
+    assert "fail_run" not in commands.names
 
 
 class _Sending:
