@@ -59,10 +59,13 @@ async def tour(settings: Settings, http: httpx.Client) -> None:
 
 
 def show(http: httpx.Client, run_id: str) -> None:
-    detail = http.get(f"/runs/{run_id}").json()
-    steps = ", ".join(f"{s['name']} {s['status']}" for s in detail["steps"])
-    console.print(f"GET /runs/{run_id}: {detail['status']} ({steps})")
+    # The history is read from the store; the run's row from a read model, which follows
+    # the store a few milliseconds behind: min_position waits until it has caught up.
     history = http.get(f"/runs/{run_id}/history").json()["events"]
+    last = max(e["position"] for e in history)
+    detail = http.get(f"/runs/{run_id}", params={"min_position": last}).json()
+    steps = ", ".join(f"{s['name']} {s['status']}" for s in detail["steps"])
+    console.print(f"GET /runs/{run_id}?min_position={last}: {detail['status']} ({steps})")
     console.print("  history: " + " → ".join(e["type"] for e in history))
 
 
