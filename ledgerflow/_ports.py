@@ -21,6 +21,8 @@ class Task(Protocol):
     position: int
     traceparent: str | None
     """The W3C trace context to continue the run's trace from (None: the run's root)."""
+    deliveries: int
+    """How many times this task has been delivered, this time included (1: the first)."""
 
     async def ack(self) -> None: ...
 

@@ -182,10 +182,15 @@ class Task:
     msg: Msg
     traceparent: str | None = None
     """The relay's trace context: the worker's spans continue the run's trace from it."""
+    deliveries: int = 1
 
     @classmethod
     def of(cls, msg: Msg) -> Task:
         body = json.loads(msg.data)
+        try:
+            deliveries = msg.metadata.num_delivered or 1
+        except (nats.errors.NotJSMessageError, ValueError, IndexError):
+            deliveries = 1
         return cls(
             str(body["run_id"]),
             int(body["dispatch"]),
@@ -194,6 +199,7 @@ class Task:
             int(body["position"]),
             msg,
             (msg.headers or {}).get(HEADER_TRACEPARENT),
+            deliveries,
         )
 
     async def ack(self) -> None:

@@ -36,7 +36,10 @@ ENDED = frozenset({"completed", "failed", "cancelled"})
 FETCH_TIMEOUT = 1.0
 """Seconds one fetch waits for tasks (and so how soon a stop request is noticed)."""
 RETRY_DELAY = 1.0
-"""Seconds before a task that met an unexpected error is delivered again."""
+"""Seconds before a task given back is delivered again the first time; each delivery
+after that doubles it (up to MAX_RETRY_DELAY), so a run that fails the same way every
+time (an output the service refuses, a bug) does not come back every second."""
+MAX_RETRY_DELAY = 60.0
 
 
 class Outcome(StrEnum):
@@ -182,7 +185,7 @@ class Worker:
             if outcome is Outcome.ACK:
                 await task.ack()
             else:
-                await task.nak(None if self._stopping else RETRY_DELAY)
+                await task.nak(None if self._stopping else retry_delay(task.deliveries))
         except Exception:
             log.warning("run %s: could not %s its task", task.run_id, outcome.value)
 
@@ -338,3 +341,9 @@ def _early_end(ctx: RunContext, output: Any) -> EarlyEnd | None:
     except Exception:
         return None
     return ctx.end_after_completions(encoded)
+
+
+def retry_delay(deliveries: int) -> float:
+    """Seconds before a task given back after its ``deliveries``-th delivery comes again."""
+    doublings = max(0, min(deliveries, 32) - 1)
+    return float(min(RETRY_DELAY * (1 << doublings), MAX_RETRY_DELAY))

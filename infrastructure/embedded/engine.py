@@ -68,6 +68,7 @@ class Delivery:
     position: int
     _queue: EmbeddedQueue = field(repr=False)
     traceparent: str | None = None
+    deliveries: int = 1
     _redeliver: asyncio.TimerHandle | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
 
@@ -109,6 +110,7 @@ class Delivery:
             self.position,
             self._queue,
             self.traceparent,
+            self.deliveries + 1,
         )
 
 

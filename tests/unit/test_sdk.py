@@ -681,3 +681,62 @@ class _Sending:
 
     async def command(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.commands(name, body)
+
+
+# --------------------------------------------------------------- giving a task back
+def test_a_task_given_back_again_and_again_waits_twice_as_long_each_time() -> None:
+    from ledgerflow.worker import MAX_RETRY_DELAY, RETRY_DELAY, retry_delay
+
+    assert [retry_delay(n) for n in (1, 2, 3, 4)] == [RETRY_DELAY * f for f in (1, 2, 4, 8)]
+    assert retry_delay(0) == RETRY_DELAY
+    assert retry_delay(10) == retry_delay(10_000) == MAX_RETRY_DELAY
+
+
+def test_a_jetstream_task_knows_how_many_times_it_was_delivered() -> None:
+    from nats.aio.msg import Msg
+
+    from ledgerflow._transport import Task as NatsTask
+
+    body = b'{"run_id": "r", "dispatch": 1, "reason": "start", "queue": "q", "position": 7}'
+    third = Msg(cast(Any, None), "p.task.q", "$JS.ACK.S.C.3.10.5.1700000000000000000.0", body)
+    assert NatsTask.of(third).deliveries == 3
+    assert NatsTask.of(Msg(cast(Any, None), "p.task.q", "_INBOX.x", body)).deliveries == 1
+
+
+def test_an_embedded_task_counts_its_deliveries_too() -> None:
+    from infrastructure.embedded.engine import Delivery, EmbeddedQueue
+
+    first = Delivery("r", 1, "start", "q", 7, EmbeddedQueue("q"))
+    assert (first.deliveries, first._again().deliveries, first._again()._again().deliveries) == (
+        1,
+        2,
+        3,
+    )
+
+
+def test_the_worker_gives_a_failing_task_back_with_the_delay_of_its_delivery() -> None:
+    from infrastructure.settings import Settings
+    from ledgerflow.worker import Worker, retry_delay
+
+    worker = Worker(Flow("f"), Settings(), transport=cast(Transport, _Sending(FakeCommands())))
+    naks: list[float | None] = []
+
+    class ThirdDelivery:
+        run_id, dispatch, reason, queue, position, deliveries = RUN_ID, 1, "start", "q", 7, 3
+
+        async def ack(self) -> None:
+            raise AssertionError("a failed task is not acked")
+
+        async def nak(self, delay: float | None = None) -> None:
+            naks.append(delay)
+
+        async def in_progress(self) -> None:
+            pass
+
+    async def failing(task: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    worker._process = failing  # type: ignore[method-assign]
+    worker._held = 1
+    asyncio.run(worker._hold(cast(Any, ThirdDelivery())))
+    assert naks == [retry_delay(3)] == [4.0]
