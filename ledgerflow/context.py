@@ -49,7 +49,8 @@ class Suspended(Interrupt):
 
 
 class HandedBack(Interrupt):
-    """The worker is stopping: the task goes back to the queue for another worker."""
+    """The task goes back to the queue for another worker (or a later try): the worker
+    is stopping, or a command of the run got no answer."""
 
 
 class Superseded(Interrupt):
@@ -225,6 +226,8 @@ class RunContext:
         self._idle.set()
         self._completing: list[asyncio.Future[dict[str, Any]]] = []
         self._completing_steps: dict[asyncio.Future[dict[str, Any]], str] = {}
+        self.completed_steps: list[str] = []
+        """Every step whose completion this replay sent, in order (ADR 16's guard)."""
 
     def idempotency_key(self, step: str) -> str:
         """A step's stable key, the same on every attempt: pass it to external services."""
@@ -466,6 +469,8 @@ class RunContext:
         completing = asyncio.ensure_future(self._command("complete_step", **body))
         self._completing.append(completing)
         self._completing_steps[completing] = str(body["step"])
+        if body["step"] not in self.completed_steps:
+            self.completed_steps.append(str(body["step"]))
         await asyncio.sleep(0)  # lets the request go out now, ahead of the next command
 
     def end_after_completions(self, output: Any) -> EarlyEnd | None:
@@ -481,11 +486,18 @@ class RunContext:
         """
         if self._inflight or all(f.done() for f in self._completing_steps):
             return None
-        # Every completion not yet read by _completions, answered or not: one refused
-        # leaves its step incomplete, so the run is refused too.
-        steps = list(dict.fromkeys(self._completing_steps.values()))
-        body = {"run_id": self.run_id, "output": output, "after_steps": steps}
+        # Every step this replay completed: one whose completion was refused, or changed
+        # nothing (another worker's attempt had failed it meanwhile), is not completed,
+        # so the run is refused too.
+        body = self.end_body(output)
         return EarlyEnd(body, asyncio.ensure_future(self._send("complete_run", body)))
+
+    def end_body(self, output: Any) -> dict[str, Any]:
+        """``complete_run``'s body, guarded by every step this replay completed."""
+        body = {"run_id": self.run_id, "output": output}
+        if self.completed_steps:
+            body["after_steps"] = list(self.completed_steps)
+        return body
 
     async def _completions(self) -> None:
         """Wait for the replies of the completions sent so far; raise the first refusal."""
@@ -529,6 +541,12 @@ class RunContext:
             if is_superseded(e):
                 raise Superseded(str(e)) from None
             raise Refused(str(e), e.reason) from None
+        except Exception as e:
+            if command != "complete_step" and _transient(e):
+                # No answer says nothing of the run: the workflow's own code must not
+                # catch it (and fail the run for a brief outage); the task goes back.
+                raise HandedBack(f"{command}: {e}") from e
+            raise
 
 
 def _transient(error: BaseException) -> bool:

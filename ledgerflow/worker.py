@@ -243,38 +243,42 @@ class Worker:
             log.info("run %s: failed with %s: %s", task.run_id, type(e).__name__, e)
             await self._send("fail_run", {"run_id": task.run_id, "error": error_of(e)})
             return Outcome.ACK  # any compensation is the next dispatch's (see _compensate)
-        return await self._complete_run(task.run_id, output, ending)
+        return await self._complete_run(ctx, output, ending)
 
-    async def _complete_run(self, run_id: str, output: Any, ending: EarlyEnd | None) -> Outcome:
-        """The run's end: the one sent behind the last completions (ADR 16), again if it
-        came too early; or, without one, ``complete_run`` now."""
+    async def _complete_run(self, ctx: RunContext, output: Any, ending: EarlyEnd | None) -> Outcome:
+        """The run's end, guarded by every step this replay completed (ADR 16): the one
+        sent behind the last completions, or ``complete_run`` now; again once, if the
+        early one came before a completion was applied."""
+        body = ending.body if ending is not None else ctx.end_body(encode(output))
         if ending is not None:
             try:
                 await ending.reply
-                log.info("run %s: completed", run_id)
+                log.info("run %s: completed", ctx.run_id)
                 return Outcome.ACK
             except InvalidStateError as e:
                 if e.reason != StepsPendingError.reason:
-                    raise
-                return await self._complete_again(run_id, ending)
+                    raise  # the completions are answered now: the guard decides for good
             except InvalidCommandError:
-                pass  # a service older than ADR 16 (no after_steps); or refused again below
-        await self._send("complete_run", {"run_id": run_id, "output": encode(output)})
-        log.info("run %s: completed", run_id)
-        return Outcome.ACK
-
-    async def _complete_again(self, run_id: str, ending: EarlyEnd) -> Outcome:
-        """The end came before a completion was applied. The completions are answered
-        now, so the guard decides for good: a step that still has not completed (its
-        completion changed nothing: it had failed or was retried meanwhile) must not be
-        skipped, and the run goes back for a replay that meets the step as it stands."""
+                return await self._complete_unguarded(ctx.run_id, body)
         try:
-            await self._send("complete_run", ending.body)
+            await self._send("complete_run", body)
         except InvalidStateError as e:
             if e.reason != StepsPendingError.reason:
                 raise
-            log.warning("run %s: %s; handing the run back", run_id, e)
+            # A step this replay completed has not completed: its completion changed
+            # nothing (another worker's attempt had failed it, or it is being retried).
+            # The run must not complete past it: a replay meets the step as it stands.
+            log.warning("run %s: %s; handing the run back", ctx.run_id, e)
             return Outcome.NAK
+        except InvalidCommandError:
+            return await self._complete_unguarded(ctx.run_id, body)
+        log.info("run %s: completed", ctx.run_id)
+        return Outcome.ACK
+
+    async def _complete_unguarded(self, run_id: str, body: dict[str, Any]) -> Outcome:
+        """A command service older than ADR 16 knows no ``after_steps``. (An output it
+        refuses for good is refused again here, and the task goes back.)"""
+        await self._send("complete_run", {k: v for k, v in body.items() if k != "after_steps"})
         log.info("run %s: completed", run_id)
         return Outcome.ACK
 

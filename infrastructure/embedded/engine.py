@@ -76,6 +76,8 @@ class Delivery:
         self._settle()
 
     async def nak(self, delay: float | None = None) -> None:
+        if self._settled:
+            return  # delivered again already (ack_wait ran out): one copy is enough
         self._settle()
         self._queue.put_later(self._again(), delay or 0.0)
 

@@ -577,7 +577,7 @@ GUARDED = {"run_id": RUN_ID, "output": 2, "after_steps": ["a"]}
 STEPS_PENDING = error_for("invalid_state", "too early", [{"reason": "steps_pending"}])
 
 
-def _complete_run(commands: FakeCommands) -> Outcome:
+def _complete_run(commands: FakeCommands, early: bool = True) -> Outcome:
     from infrastructure.settings import Settings
     from ledgerflow.context import EarlyEnd
     from ledgerflow.worker import Worker
@@ -585,8 +585,14 @@ def _complete_run(commands: FakeCommands) -> Outcome:
     worker = Worker(Flow("f"), Settings(), transport=cast(Transport, _Sending(commands)))
 
     async def scenario() -> Outcome:
-        ending = EarlyEnd(dict(GUARDED), asyncio.ensure_future(commands("complete_run", GUARDED)))
-        return await worker._complete_run(RUN_ID, 2, ending)
+        ctx = context(snapshot(), commands)
+        ctx.completed_steps.append("a")
+        ending = (
+            EarlyEnd(dict(GUARDED), asyncio.ensure_future(commands("complete_run", GUARDED)))
+            if early
+            else None
+        )
+        return await worker._complete_run(ctx, 2, ending)
 
     return asyncio.run(scenario())
 
@@ -605,13 +611,25 @@ def test_an_end_whose_step_never_completed_hands_the_run_back_instead_of_complet
     assert commands.names == ["complete_run", "complete_run"]  # never unguarded
 
 
+def test_a_plain_end_is_guarded_by_every_step_the_replay_completed_too() -> None:
+    """No early end (every completion was answered): ``complete_run`` still names the
+    steps, so a step whose completion changed nothing is not skipped either."""
+    commands = EndingCommands(STEPS_PENDING)
+    assert _complete_run(commands, early=False) == Outcome.NAK
+    assert commands.sent == [("complete_run", GUARDED)]
+    applied = EndingCommands(STEPS_PENDING, times=0)
+    assert _complete_run(applied, early=False) == Outcome.ACK
+    assert applied.sent == [("complete_run", GUARDED)]
+
+
 def test_a_service_older_than_adr_16_gets_a_plain_end() -> None:
-    commands = EndingCommands(error_for("invalid_command", "no after_steps here"))
-    assert _complete_run(commands) == Outcome.ACK
-    assert commands.sent == [
-        ("complete_run", GUARDED),
-        ("complete_run", {"run_id": RUN_ID, "output": 2}),
-    ]
+    for early in (True, False):
+        commands = EndingCommands(error_for("invalid_command", "no after_steps here"))
+        assert _complete_run(commands, early=early) == Outcome.ACK
+        assert commands.sent == [
+            ("complete_run", GUARDED),
+            ("complete_run", {"run_id": RUN_ID, "output": 2}),
+        ]
 
 
 def test_an_end_refused_for_another_reason_is_raised() -> None:
@@ -714,6 +732,19 @@ def test_an_embedded_task_counts_its_deliveries_too() -> None:
     )
 
 
+def test_an_embedded_task_given_back_after_its_time_ran_out_is_not_queued_twice() -> None:
+    from infrastructure.embedded.engine import Delivery, EmbeddedQueue
+
+    async def scenario() -> list[int]:
+        queue = EmbeddedQueue("q", ack_wait=60)
+        late = Delivery("r", 1, "start", "q", 7, queue)
+        late._expired()  # ack_wait ran out: delivered again
+        await late.nak(0)  # the first holder gives it back late: nothing more
+        return [t.deliveries for t in await queue.fetch(10, 0.1)]
+
+    assert asyncio.run(scenario()) == [2]
+
+
 def test_the_worker_gives_a_failing_task_back_with_the_delay_of_its_delivery() -> None:
     from infrastructure.settings import Settings
     from ledgerflow.worker import Worker, retry_delay
@@ -740,3 +771,32 @@ def test_the_worker_gives_a_failing_task_back_with_the_delay_of_its_delivery() -
     worker._held = 1
     asyncio.run(worker._hold(cast(Any, ThirdDelivery())))
     assert naks == [retry_delay(3)] == [4.0]
+
+
+@pytest.mark.parametrize("command", ["start_step", "fail_step", "start_sleep"])
+def test_a_command_that_gets_no_answer_hands_the_task_back_past_the_workflows_handlers(
+    command: str,
+) -> None:
+    """A brief outage of the service must not fail the run through the workflow's own
+    ``except Exception`` (and then ``fail_run``): the task goes back instead."""
+    commands = FakeCommands()
+    commands.refuse[command] = CommandError("unavailable", "no reply")
+    swallowed: list[str] = []
+
+    async def scenario() -> None:
+        ctx = context(snapshot(), commands)
+
+        def boom() -> None:
+            raise ValueError("the step fails")
+
+        try:
+            if command == "start_sleep":
+                await ctx.sleep("nap", timedelta(seconds=60))
+            else:
+                await ctx.step("a", boom)
+        except Exception:
+            swallowed.append(command)
+
+    with pytest.raises(HandedBack, match="no reply"):
+        asyncio.run(scenario())
+    assert swallowed == []
