@@ -225,7 +225,6 @@ class RunContext:
         self._idle = asyncio.Event()
         self._idle.set()
         self._completing: list[asyncio.Future[dict[str, Any]]] = []
-        self._completing_steps: dict[asyncio.Future[dict[str, Any]], str] = {}
         self.completed_steps: list[str] = []
         """Every step whose completion this replay sent, in order (ADR 16's guard)."""
 
@@ -466,17 +465,16 @@ class RunContext:
         A crash meanwhile is a crash before the completion was recorded: the step runs
         again on the next hand-off, as it always could.
         """
-        completing = asyncio.ensure_future(self._command("complete_step", **body))
-        self._completing.append(completing)
-        self._completing_steps[completing] = str(body["step"])
+        self._completing.append(asyncio.ensure_future(self._command("complete_step", **body)))
         if body["step"] not in self.completed_steps:
             self.completed_steps.append(str(body["step"]))
         await asyncio.sleep(0)  # lets the request go out now, ahead of the next command
 
     def end_after_completions(self, output: Any) -> EarlyEnd | None:
         """Send ``complete_run`` now, behind the completions still unanswered, naming
-        their steps (``after_steps``): the service completes the run only once they have
-        completed, so the run's end costs no round trip of its own (ADR 16).
+        every step this replay completed (``after_steps``): the service completes the run
+        only once they have completed, so the run's end costs no round trip of its own
+        (ADR 16).
 
         None when every completion is answered, or a step's function is still running
         (a race the workflow did not wait for): the worker then waits (:meth:`settled`)
@@ -484,7 +482,7 @@ class RunContext:
         was not applied first (another command-service instance took it, or it changed
         nothing): the worker sends the same end again once the completions are answered.
         """
-        if self._inflight or all(f.done() for f in self._completing_steps):
+        if self._inflight or all(f.done() for f in self._completing):
             return None
         # Every step this replay completed: one whose completion was refused, or changed
         # nothing (another worker's attempt had failed it meanwhile), is not completed,
@@ -509,22 +507,16 @@ class RunContext:
         if waiting := [reply for reply in sent if not reply.done()]:
             await asyncio.wait(waiting)
         self._completing = [f for f in self._completing if not f.done()]
-        for done in [f for f in self._completing_steps if f.done()]:
-            del self._completing_steps[done]
         failures: list[BaseException] = []
         for reply in sent:
             failure = asyncio.CancelledError() if reply.cancelled() else reply.exception()
             if failure is not None:
                 failures.append(failure)
         if failures:
-            # A refusal (an Interrupt) first: it says what the worker must do next.
-            first = next((e for e in failures if isinstance(e, Interrupt)), failures[0])
-            if isinstance(first, Interrupt) or not _transient(first):
-                raise first  # a permanent failure (an output too large) as before ADR 15
-            # The service unreachable: the workflow's code must not catch it, and the task
-            # goes back for another try, where the step (its completion perhaps
-            # unrecorded) runs again or finds its completion recorded.
-            raise HandedBack(f"a step's completion failed: {first}") from first
+            # An Interrupt first (a refusal, or no answer: HandedBack, see _command): it
+            # says what the worker must do next. A permanent failure (an output too large)
+            # is raised as itself, as before ADR 15.
+            raise next((e for e in failures if isinstance(e, Interrupt)), failures[0])
 
     def _check_may_start(self) -> None:
         if self._replay_only:
@@ -542,10 +534,11 @@ class RunContext:
                 raise Superseded(str(e)) from None
             raise Refused(str(e), e.reason) from None
         except Exception as e:
-            if command != "complete_step" and _transient(e):
+            if _transient(e):
                 # No answer says nothing of the run: the workflow's own code must not
-                # catch it (and fail the run for a brief outage); the task goes back.
-                raise HandedBack(f"{command}: {e}") from e
+                # catch it (and fail the run for a brief outage); the task goes back,
+                # and the replay finds the command applied or sends it again.
+                raise HandedBack(f"{command} got no answer: {e}") from e
             raise
 
 

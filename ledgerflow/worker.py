@@ -247,40 +247,33 @@ class Worker:
 
     async def _complete_run(self, ctx: RunContext, output: Any, ending: EarlyEnd | None) -> Outcome:
         """The run's end, guarded by every step this replay completed (ADR 16): the one
-        sent behind the last completions, or ``complete_run`` now; again once, if the
-        early one came before a completion was applied."""
+        sent behind the last completions, else (or again, when it came before a
+        completion was applied) ``complete_run`` now."""
         body = ending.body if ending is not None else ctx.end_body(encode(output))
-        if ending is not None:
-            try:
-                await ending.reply
-                log.info("run %s: completed", ctx.run_id)
-                return Outcome.ACK
-            except InvalidStateError as e:
-                if e.reason != StepsPendingError.reason:
-                    raise  # the completions are answered now: the guard decides for good
-            except InvalidCommandError:
-                return await self._complete_unguarded(ctx.run_id, body)
         try:
+            if ending is not None:
+                try:
+                    await ending.reply
+                    return _completed(ctx.run_id)
+                except InvalidStateError as e:
+                    if e.reason != StepsPendingError.reason:
+                        raise
             await self._send("complete_run", body)
         except InvalidStateError as e:
             if e.reason != StepsPendingError.reason:
                 raise
-            # A step this replay completed has not completed: its completion changed
-            # nothing (another worker's attempt had failed it, or it is being retried).
-            # The run must not complete past it: a replay meets the step as it stands.
+            # The completions are answered, and a step this replay completed has not
+            # completed: its completion changed nothing (another worker's attempt had
+            # failed it, or it is being retried). The run must not complete past it: a
+            # replay meets the step as it stands.
             log.warning("run %s: %s; handing the run back", ctx.run_id, e)
             return Outcome.NAK
         except InvalidCommandError:
-            return await self._complete_unguarded(ctx.run_id, body)
-        log.info("run %s: completed", ctx.run_id)
-        return Outcome.ACK
-
-    async def _complete_unguarded(self, run_id: str, body: dict[str, Any]) -> Outcome:
-        """A command service older than ADR 16 knows no ``after_steps``. (An output it
-        refuses for good is refused again here, and the task goes back.)"""
-        await self._send("complete_run", {k: v for k, v in body.items() if k != "after_steps"})
-        log.info("run %s: completed", run_id)
-        return Outcome.ACK
+            # A command service older than ADR 16 knows no after_steps. (An output it
+            # refuses for good is refused again here, and the task goes back.)
+            unguarded = {k: v for k, v in body.items() if k != "after_steps"}
+            await self._send("complete_run", unguarded)
+        return _completed(ctx.run_id)
 
     async def _call(self, workflow: Workflow, ctx: RunContext, run: dict[str, Any]) -> Any:
         fn: Any = workflow.fn
@@ -334,6 +327,11 @@ class Worker:
     async def _send(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         assert self._transport is not None
         return await self._transport.command(name, body)
+
+
+def _completed(run_id: str) -> Outcome:
+    log.info("run %s: completed", run_id)
+    return Outcome.ACK
 
 
 def _early_end(ctx: RunContext, output: Any) -> EarlyEnd | None:

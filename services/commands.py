@@ -158,8 +158,9 @@ class CompleteRun(RunCommand):
     after_steps: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
         default_factory=list, max_length=1000
     )
-    """Steps whose completions were sent just before and are not answered yet: the run
-    completes only once they have (else ``steps_pending``; ADR 16)."""
+    """Steps the run must have completed: the worker names every step its replay
+    completed, some of whose completions it sent just before, unanswered; else the
+    command is refused with ``steps_pending`` (ADR 16)."""
 
 
 class FailRun(RunCommand):

@@ -491,7 +491,7 @@ def test_a_completion_that_fails_hands_the_task_back_past_the_workflows_own_hand
         except Exception:  # a workflow's own handler cannot swallow it
             ran.append("swallowed")
 
-    with pytest.raises(HandedBack, match="completion failed"):
+    with pytest.raises(HandedBack, match="complete_step got no answer"):
         asyncio.run(scenario())
     assert ran == []
 
