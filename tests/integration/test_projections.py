@@ -460,7 +460,9 @@ def test_a_trickle_of_events_at_low_load_is_applied_in_one_transaction(
             following = asyncio.create_task(builder.run(stop))
             while not await _has_consumer(js, stream.names.events_stream, builder.durable):
                 await asyncio.sleep(0.02)
-            await asyncio.sleep(0.2)  # past the catch-up from the store: fetching now
+            head = workload.head()
+            while [p for batch in committed for p in batch][-1:] != [head]:
+                await asyncio.sleep(0.01)  # the store's records, caught up before fetching
             committed.clear()
             records = await asyncio.to_thread(workload.more, 1)
             for record in records[:3]:
