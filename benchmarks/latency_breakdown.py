@@ -18,7 +18,7 @@ from collections import defaultdict
 from typing import Any
 from uuid import UUID
 
-from benchmarks.vs_dbos import TWO_PROCESSES
+from benchmarks.vs_dbos import TWO_PROCESSES, serve_groups
 from benchmarks.workflows import running_ledgerflow, wait_ready
 from infrastructure.bootstrap import bootstrap
 from infrastructure.settings import Settings
@@ -31,8 +31,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--serve", default=TWO_PROCESSES, help="serve processes' roles, as vs_dbos")
     args = parser.parse_args()
-    serve = [tuple(r for r in group.split(",") if r) for group in args.serve.split("/")]
-    with running_ledgerflow(serve=serve) as (settings, _):
+    with running_ledgerflow(serve=serve_groups(args.serve)) as (settings, _):
         run_ids = asyncio.run(sequential_runs(settings, args.runs))
         app = bootstrap(settings)
         try:

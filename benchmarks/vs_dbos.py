@@ -406,6 +406,11 @@ TWO_PROCESSES = "commands,relay/projections,scheduler,api"
 path (commands, relay) off the GIL of the followers (projections, scheduler) and the API."""
 
 
+def serve_groups(text: str) -> list[tuple[str, ...]]:
+    """``--serve``'s value: one tuple of roles per serve process (``()``: every role)."""
+    return [tuple(r for r in group.split(",") if r) for group in text.split("/")]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -442,7 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, sizes[name])
     if args.rebuild_events is None:
         args.rebuild_events = sizes["rebuild"]
-    args.serve = [tuple(r for r in group.split(",") if r) for group in args.serve.split("/")]
+    args.serve = serve_groups(args.serve)
     args.systems = [s for s in args.systems.split(",") if s]
     args.workloads = [w for w in args.workloads.split(",") if w]
     unknown = set(args.systems) - set(SYSTEMS) | set(args.workloads) - set(WORKLOADS)
