@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,8 @@ from eventsourcing.utils import get_topic
 from domain.ids import run_id_for
 from domain.inbound_event import InboundEvent
 from domain.workflow_run import RunStatus, StepStatus, WorkflowRun
-from infrastructure.bootstrap import bootstrap
+from infrastructure.bootstrap import bootstrap, init_database
+from infrastructure.postgres.recorder import CommandLoggingRecorder
 from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.settings import Settings
 from services import commands as c
@@ -243,3 +245,84 @@ def test_the_service_does_not_create_tables_lazily(postgres_server_url: str) -> 
             service.close()
     finally:
         drop_database(url)
+
+
+# ---------------------------------------------------- the one-statement insert (ADR 18)
+def _events_table(app: WorkflowRuns) -> str:
+    recorder = app.recorder
+    assert isinstance(recorder, CommandLoggingRecorder)
+    return f'"{recorder.datastore.schema}"."{recorder.events_table_name}"'
+
+
+def test_an_insert_waits_for_an_earlier_uncommitted_insert_so_commit_order_is_insert_order(
+    app: WorkflowRuns, database_settings: Settings
+) -> None:
+    """Without the table lock, the second insert would take the next notification id and
+    commit first: a reader at that moment would pass over the gap for good."""
+    run_id = started_run(app)
+    table = _events_table(app)
+    with psycopg.connect(database_settings.database_url) as earlier:
+        row = earlier.execute(
+            f"INSERT INTO {table} (originator_id, originator_version, topic, state)"
+            " VALUES (%s, 1, 'x', '\\x7b7d') RETURNING notification_id",
+            (uuid.uuid4(),),
+        ).fetchone()
+        assert row is not None
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            saving = pool.submit(
+                app.start_step, c.StartStep(run_id=run_id, step="charge", attempt=1)
+            )
+            deadline = time.monotonic() + 15
+            while not _waits_for_lock(earlier, table):
+                assert not saving.done(), "the insert did not wait for the earlier one"
+                assert time.monotonic() < deadline, "the insert never asked for the lock"
+                time.sleep(0.01)
+            earlier.commit()
+            position = saving.result(timeout=15).position
+    assert position == row[0] + 1
+
+
+def _waits_for_lock(conn: psycopg.Connection[tuple[object, ...]], table: str) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass",
+        (table,),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def test_an_insert_notifies_the_relay_channel(
+    app: WorkflowRuns, database_settings: Settings
+) -> None:
+    recorder = app.recorder
+    assert isinstance(recorder, CommandLoggingRecorder)
+    with psycopg.connect(database_settings.database_url, autocommit=True) as listener:
+        listener.execute(f'LISTEN "{recorder.channel_name}"')
+        started_run(app)
+        heard = list(listener.notifies(timeout=10, stop_after=1))
+    assert [n.channel for n in heard] == [recorder.channel_name]
+
+
+def test_a_database_without_the_insert_function_falls_back_to_eventsourcings_insert(
+    postgres_server_url: str,
+) -> None:
+    """A store that `ledgerflow db init` has not upgraded yet still takes every write."""
+    params = PostgresParams.from_url(postgres_server_url)
+    settings = Settings(database_url=params.url(f"ledgerflow_old_{uuid.uuid4().hex[:8]}"))
+    init_database(settings)
+    try:
+        service = bootstrap(settings)
+        recorder = service.recorder
+        assert isinstance(recorder, CommandLoggingRecorder)
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(
+                f'DROP FUNCTION "{recorder.datastore.schema}"."{recorder.insert_function_name}"'
+            )
+        try:
+            run_id = started_run(service)
+            service.start_step(c.StartStep(run_id=run_id, step="charge", attempt=1))
+            assert list(service.get_run(run_id).steps) == ["charge"]
+            assert recorder.uses_insert_function is False
+        finally:
+            service.close()
+    finally:
+        drop_database(settings.database_url)
