@@ -2,6 +2,10 @@
 
     python -m benchmarks.drivers            # ledgerflow's client, LEDGERFLOW_* from the env
 
+With ``BENCH_EAGER_CONCURRENCY=N`` set, ledgerflow's client process runs a worker of its
+own (N slots) and starts runs eagerly (ADR 17), as a DBOS application runs its workflows
+in the process that starts them; runs beyond its slots go through the queue as before.
+
 It says ``{"ready": true}`` once a run of each workflow went through, then answers each
 request line with one JSON line:
 
@@ -17,15 +21,18 @@ harness measures each system's client CPU in a process of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from benchmarks.flows import flow
 from benchmarks.workflows import in_flight, sequential, wait_ready
 from infrastructure.settings import Settings
-from ledgerflow import Client
+from ledgerflow import Client, Worker
 from ledgerflow.errors import CommandError
 
 WORKFLOWS = {"three": "three_steps", "twenty": "twenty_steps"}
@@ -48,8 +55,32 @@ async def serve_requests(handle: Handler) -> None:
             reply(await handle(json.loads(line)))
 
 
+@contextlib.asynccontextmanager
+async def eager_worker(settings: Settings) -> AsyncIterator[Worker | None]:
+    """The worker in the client's process (BENCH_EAGER_CONCURRENCY), or None."""
+    slots = int(os.environ.get("BENCH_EAGER_CONCURRENCY", "0"))
+    if slots <= 0:
+        yield None
+        return
+    worker, stop = Worker(flow, settings, slots), asyncio.Event()
+    serving = asyncio.create_task(worker.run(stop))
+    try:
+        ready = asyncio.create_task(worker.ready.wait())
+        await asyncio.wait({ready, serving}, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            serving.result()  # it failed: say why
+        yield worker
+    finally:
+        stop.set()
+        await serving
+
+
 async def ledgerflow_driver() -> None:
-    async with await Client.connect(settings=Settings()) as client:
+    settings = Settings()
+    async with (
+        eager_worker(settings) as worker,
+        await Client.connect(settings=settings, worker=worker) as client,
+    ):
         await wait_ready(client)  # one three-step run through the service and the worker
         await client.result(await client.start(WORKFLOWS["twenty"], {"warm": True}), timeout=30)
 

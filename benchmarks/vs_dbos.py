@@ -9,7 +9,8 @@ a time; (d) a burst of starts, timed until every run is completed and visible (l
 counted as completed by the read-model API; DBOS: ``SUCCESS`` in its system tables).
 
 ledgerflow runs as two `ledgerflow serve` processes (``--serve``: commands and relay;
-projections, scheduler and API), a worker, and a client process (benchmarks.drivers);
+projections, scheduler and API), a worker, and a client process (benchmarks.drivers) that
+runs a worker of its own and starts runs eagerly (ADR 17; ``--no-eager``: it does not);
 DBOS as one process (benchmarks.dbos_app). Per run: write transactions (transaction ids
 the server handed out), WAL bytes, CPU of the system's own processes, and apart from those
 PostgreSQL's CPU (the backends of the system's database, plus the server's background
@@ -242,7 +243,7 @@ class Harness:
 
 @contextlib.contextmanager
 def ledgerflow_harness(
-    base: Settings, concurrency: int, serve: Sequence[Sequence[str]] = ((),)
+    base: Settings, concurrency: int, serve: Sequence[Sequence[str]] = ((),), eager: bool = True
 ) -> Iterator[Harness]:
     with running_ledgerflow(concurrency=concurrency, base=base, serve=serve) as (
         settings,
@@ -253,6 +254,7 @@ def ledgerflow_harness(
             "LEDGERFLOW_DATABASE_URL": settings.database_url,
             "LEDGERFLOW_NATS_URL": settings.nats_url,
             "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
+            "BENCH_EAGER_CONCURRENCY": str(concurrency if eager else 0),
         }
         driver = Driver([sys.executable, "-m", "benchmarks.drivers"], env)
         api = httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30)
@@ -439,6 +441,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ledgerflow's serve processes by their roles, one process per '/'-separated "
         f"group; '' is one process with every role [{TWO_PROCESSES}]",
     )
+    parser.add_argument(
+        "--eager",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ledgerflow's client process runs a worker too and starts runs eagerly (ADR 17), "
+        "as DBOS runs workflows in the process that starts them [on]",
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/vs_dbos.json"))
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -480,7 +489,9 @@ def compare(args: argparse.Namespace, base: Settings) -> None:
         for system in args.systems:
             profile = args.profile / f"round{n + 1}" if args.profile else None
             harness: contextlib.AbstractContextManager[Harness] = (
-                ledgerflow_harness(base, concurrency=args.in_flight + 14, serve=args.serve)
+                ledgerflow_harness(
+                    base, concurrency=args.in_flight + 14, serve=args.serve, eager=args.eager
+                )
                 if system == "ledgerflow"
                 else dbos_harness(base)
             )
@@ -520,6 +531,7 @@ def compare(args: argparse.Namespace, base: Settings) -> None:
             "postgres": server_version(base),
         },
         "postgres_server": "private" if args.private_postgres else "shared",
+        "ledgerflow": {"serve": ["/".join(r) for r in args.serve], "eager": args.eager},
         "sizes": {
             k: getattr(args, k)
             for k in ("rounds", "sequential", "runs", "in_flight", "long_runs", "burst")

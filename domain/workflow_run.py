@@ -47,6 +47,12 @@ class RunStatus(StrEnum):
 
 START = "start"
 """The reason of a run's first hand-off."""
+EAGER = "eager"
+"""The reason of a run's first hand-off to the worker in its starter's process (ADR 17):
+no task is queued; the scheduler's lease hands it to the queue if that worker goes."""
+EAGER_EXPIRED = "eager_expired"
+"""The reason of the hand-off that takes an eagerly started run from a worker that no
+longer holds it (it died, or gave the run back)."""
 
 ENDED = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 """A run in one of these accepts nothing, except a failed run that an operator retries."""
@@ -277,9 +283,11 @@ class WorkflowRun(Aggregate):
         parent_step: str | None = None,
         triggered_by: UUID | None = None,
         queue: str | None = None,
+        eager: bool = False,
     ) -> WorkflowRun:
         """Start a run; with ``queue``, also hand it to that worker queue at once (its
-        workflow has no concurrency limit, so nothing can hold it back: ADR 13)."""
+        workflow has no concurrency limit, so nothing can hold it back: ADR 13). With
+        ``eager`` too, the hand-off is to the starter's own worker instead (ADR 17)."""
         check_name("workflow", workflow)
         check_key("key", key)
         if queue is not None:
@@ -301,7 +309,7 @@ class WorkflowRun(Aggregate):
         )
         if queue is not None:
             # No global position is known before the insert: cause 0 is "its own start".
-            run._task_dispatched(START, 0, 1, queue)
+            run._task_dispatched(EAGER if eager else START, 0, 1, queue)
         return run
 
     @event(RunStarted)
@@ -340,6 +348,7 @@ class WorkflowRun(Aggregate):
         self.dispatches = 0  # hand-offs to a worker so far: the fencing token of the latest
         self.last_cause = 0  # global position of the event that caused the latest hand-off
         self.dispatched_at_start = dispatched
+        self.held_eagerly = False  # the latest hand-off is an eager start's (ADR 17)
 
     # ------------------------------------------------------------------------------ steps
     def start_step(
@@ -712,13 +721,22 @@ class WorkflowRun(Aggregate):
         """Hand the run to a worker queue because of the event at position ``cause``.
 
         A cause at or before the last one is a redelivered trigger: nothing happens.
+        ``eager_expired`` takes the run from an eager start's worker (ADR 17): only while
+        that hand-off is the latest and the run is queued or running; otherwise the run
+        has moved on (it suspended, ended or was handed off since) and nothing happens.
         """
         check_step_name("dispatch reason", reason)
         check_name("queue", queue)
+        if reason == EAGER:
+            raise InvalidCommandError("only a run's start can hand it off eagerly")
         if cause <= self.last_cause:
             return
         if reason == START and self.dispatched_at_start:
             return  # handed off as it started; a scheduler of before ADR 13 asks again
+        if reason == EAGER_EXPIRED and not (
+            self.held_eagerly and self.status in (RunStatus.QUEUED, RunStatus.RUNNING)
+        ):
+            return
         self._check_not_ended()
         self._task_dispatched(reason, cause, self.dispatches + 1, queue)
 
@@ -726,6 +744,7 @@ class WorkflowRun(Aggregate):
     def _task_dispatched(self, reason: str, cause: int, dispatch: int, queue: str) -> None:
         self.dispatches = dispatch
         self.last_cause = cause
+        self.held_eagerly = reason == EAGER
 
     # -------------------------------------------------------------------------- queries
     @property

@@ -108,12 +108,14 @@ class WorkflowType(Aggregate):
         parent_run_id: UUID | None = None,
         parent_step: str | None = None,
         triggered_by: UUID | None = None,
+        eager: bool = False,
     ) -> WorkflowRun:
         """A run of this workflow, under the workflow's retry policy and timeouts.
 
         Without a concurrency limit, nothing can hold a run back: it is handed to the
-        workflow's queue in the same transaction (ADR 13). A limited one waits for the
-        scheduler, which holds a slot for it or queues it.
+        workflow's queue in the same transaction (ADR 13), or with ``eager`` to the
+        starter's own worker (ADR 17). A limited one waits for the scheduler, which
+        holds a slot for it or queues it (``eager`` is then ignored).
         """
         return WorkflowRun.start(
             run_id,
@@ -126,6 +128,7 @@ class WorkflowType(Aggregate):
             parent_step=parent_step,
             triggered_by=triggered_by,
             queue=self.queue if self.concurrency.limit is None else None,
+            eager=eager,
         )
 
     @property

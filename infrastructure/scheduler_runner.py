@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, ClassVar, LiteralString, cast
 from uuid import UUID
@@ -42,6 +42,9 @@ from projections.records import EventRecord
 from services import commands as c
 from services.clock import Clock, SystemClock
 from services.scheduler import (
+    EAGER_LEASE,
+    LEASE_GRACE,
+    Lease,
     Limit,
     Parent,
     Scheduler,
@@ -62,6 +65,13 @@ DUE_BATCH = 200
 
 Send = Callable[[Sequence[c.Command]], None]
 """Apply commands (idempotent ones); a refusal is logged, never raised."""
+
+Held = Callable[[UUID], Awaitable[bool | None]]
+"""Whether a worker still holds an eagerly started run (ADR 17); None: cannot tell now."""
+HELD_TIMEOUT = 2.0
+"""Seconds the scheduler waits for a holder's answer."""
+HELD = b"held"
+"""The answer of a worker that holds the run."""
 
 Pool = ConnectionPool[psycopg.Connection[Any]]
 
@@ -125,6 +135,14 @@ class PostgresSchedulerView:
             (run_id, kind, name),
         )
 
+    def put_lease(self, lease: Lease) -> None:
+        self._run(
+            "INSERT INTO {leases} (run_id, due_at, cause, suspect) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (run_id) DO UPDATE SET due_at = excluded.due_at,"
+            " cause = excluded.cause, suspect = excluded.suspect",
+            (lease.run_id, lease.due_at, lease.cause, lease.suspect),
+        )
+
     def put_wait(self, wait: Wait) -> None:
         self._run(
             "INSERT INTO {waits} (run_id, name, event_name, match) VALUES (%s, %s, %s, %s)"
@@ -158,7 +176,7 @@ class PostgresSchedulerView:
         return Parent(row[0], row[1]) if row else None
 
     def end_run(self, run_id: UUID) -> None:
-        for table in ("timers", "waits", "runs"):
+        for table in ("timers", "leases", "waits", "runs"):
             self._run(f"DELETE FROM {{{table}}} WHERE run_id = %s", (run_id,))
 
     def put_triggers(self, type_id: UUID, workflow: str | None, triggers: Iterable[str]) -> None:
@@ -261,6 +279,7 @@ def apply_batch(
     batch: Iterable[EventRecord],
     read: Reader,
     send: Send,
+    eager_lease: timedelta = EAGER_LEASE,
 ) -> Applied:
     """Decide on a delivered batch, send the commands, then write the scheduler's rows and
     its position in one transaction: duplicates are skipped and gaps filled from the store.
@@ -276,7 +295,7 @@ def apply_batch(
         todo = in_order(records, reached, backfill_from(read))
         if not todo:
             return Applied(reached, 0, 0, 0)
-        scheduler = Scheduler(PostgresSchedulerView(conn, schema))
+        scheduler = Scheduler(PostgresSchedulerView(conn, schema), eager_lease)
         commands = [command for record in todo for command in scheduler.process(record)]
         if commands:
             send(commands)
@@ -294,6 +313,7 @@ def catch_up(
     *,
     until: int | None = None,
     batch_size: int = READ_BATCH,
+    eager_lease: timedelta = EAGER_LEASE,
 ) -> int:
     """Apply the store's records after the tracked position (up to ``until``), one
     transaction per ``batch_size`` records; the number applied."""
@@ -307,7 +327,7 @@ def catch_up(
             records = [r for r in read(reached, batch_size) if until is None or r.position <= until]
             if not records:
                 return applied
-            result = apply_batch(conn, schema, records, read, send)
+            result = apply_batch(conn, schema, records, read, send, eager_lease)
         applied += result.applied
 
 
@@ -317,9 +337,12 @@ class SchedulerFollower(ProjectionBuilder):
 
     logger: ClassVar[logging.Logger] = log
 
-    def __init__(self, *args: Any, send: Send, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, send: Send, eager_lease: timedelta = EAGER_LEASE, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.send = send
+        self.eager_lease = eager_lease
 
     def _apply(self, records: list[EventRecord]) -> None:
         with self.pool.connection() as conn:
@@ -328,9 +351,16 @@ class SchedulerFollower(ProjectionBuilder):
                 # A large gap (purged stream): fill it in batches, not in one transaction.
                 self._caught_up(
                     self.name,
-                    catch_up(conn, self.schema, self.read, self.send, until=first.prev_position),
+                    catch_up(
+                        conn,
+                        self.schema,
+                        self.read,
+                        self.send,
+                        until=first.prev_position,
+                        eager_lease=self.eager_lease,
+                    ),
                 )
-            result = apply_batch(conn, self.schema, records, self.read, self.send)
+            result = apply_batch(conn, self.schema, records, self.read, self.send, self.eager_lease)
         self.position = max(self.position, result.position)
         if result.backfilled:
             log.info(
@@ -342,7 +372,10 @@ class SchedulerFollower(ProjectionBuilder):
         with self.pool.connection() as conn:
             if self.position >= rs.store_head(conn, self.schema):
                 return
-            self._caught_up(self.name, catch_up(conn, self.schema, self.read, self.send))
+            applied = catch_up(
+                conn, self.schema, self.read, self.send, eager_lease=self.eager_lease
+            )
+            self._caught_up(self.name, applied)
             with conn.transaction():
                 self.position = max(self.position, ss.position(conn, self.schema))
 
@@ -375,24 +408,138 @@ def fire_due(pool: Pool, schema: str, now: datetime, send: Send, limit: int = DU
     return len(timers)
 
 
+async def expire_leases(
+    pool: Pool,
+    schema: str,
+    now: datetime,
+    send: Send,
+    held: Held,
+    eager_lease: timedelta = EAGER_LEASE,
+    grace: timedelta = LEASE_GRACE,
+    limit: int = DUE_BATCH,
+) -> int:
+    """Ask the holder of each eager run whose lease is due (up to ``limit``): one that
+    answers keeps it for another lease; one that does not is asked again after
+    ``grace``, and if it does not answer then either, the run goes to its queue (ADR 17).
+    The number of leases looked at."""
+    due = await asyncio.to_thread(_due_leases, pool, schema, now, limit)
+    if not due:
+        return 0
+    answers = await asyncio.gather(*(held(lease.run_id) for lease in due))
+    after = [
+        lease.after(answer, now, eager_lease, grace)
+        for lease, answer in zip(due, answers, strict=True)
+    ]
+    await asyncio.to_thread(_settle_leases, pool, schema, list(zip(due, after, strict=True)), send)
+    return len(due)
+
+
+def _due_leases(pool: Pool, schema: str, now: datetime, limit: int) -> list[Lease]:
+    with pool.connection() as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT run_id, due_at, cause, suspect FROM {leases} WHERE due_at <= %s"
+                " ORDER BY due_at LIMIT %s"
+            ).format(**ss.identifiers(schema)),
+            (now, limit),
+        ).fetchall()
+    return [Lease(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def _settle_leases(
+    pool: Pool, schema: str, settled: list[tuple[Lease, Lease | c.Command]], send: Send
+) -> None:
+    """Write what each lease became, only where it is as it was read (not deleted by its
+    run's end, nor settled by another scheduler instance meanwhile). The commands are
+    sent before the commit, as :func:`fire_due` does: a crash sends them again."""
+    t = ss.identifiers(schema)
+    unchanged = " WHERE run_id = %s AND due_at = %s AND suspect = %s"
+    commands: list[c.Command] = []
+    with pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
+        for lease, after in settled:
+            key = (lease.run_id, lease.due_at, lease.suspect)
+            if isinstance(after, Lease):
+                if after != lease:
+                    cursor.execute(
+                        sql.SQL("UPDATE {leases} SET due_at = %s, suspect = %s" + unchanged).format(
+                            **t
+                        ),
+                        (after.due_at, after.suspect, *key),
+                    )
+                continue
+            cursor.execute(sql.SQL("DELETE FROM {leases}" + unchanged).format(**t), key)
+            if cursor.rowcount:
+                commands.append(after)
+        if commands:
+            send(commands)
+    if commands:
+        log.info("%d eager run(s) whose worker did not answer went to their queue", len(commands))
+
+
+def held_over_nats(nc: Any, names: Names) -> Held:
+    """Ask ``<prefix>.held.<run_id>``: ``held`` in reply, the run is held; no responders,
+    no answer in time or any other answer, it may not be (:meth:`Lease.after` asks once
+    more before it takes the run). None when this scheduler cannot ask at all."""
+
+    async def held(run_id: UUID) -> bool | None:
+        try:
+            reply = await nc.request(names.held(str(run_id)), b"", timeout=HELD_TIMEOUT)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return False
+        except nats.errors.Error as e:
+            log.warning("leases: cannot ask the holder of run %s: %s", run_id, e)
+            return None
+        return bool(reply.data == HELD)
+
+    return held
+
+
+async def poll_leases(
+    pool: Pool,
+    schema: str,
+    clock: Clock,
+    send: Send,
+    stop: asyncio.Event,
+    held: Held,
+    eager_lease: timedelta = EAGER_LEASE,
+) -> None:
+    """Look at due leases every POLL_INTERVAL, apart from the timers: asking holders
+    takes up to HELD_TIMEOUT, which must not hold up a sleep's wake-up."""
+
+    async def once() -> int:
+        return await expire_leases(pool, schema, clock.now(), send, held, eager_lease)
+
+    await _poll("leases", once, stop)
+
+
 async def poll_timers(
     pool: Pool, schema: str, clock: Clock, send: Send, stop: asyncio.Event
 ) -> None:
     """Fire due timers every POLL_INTERVAL (at once again while a full batch was due)."""
+
+    async def once() -> int:
+        return await asyncio.to_thread(fire_due, pool, schema, clock.now(), send)
+
+    await _poll("timers", once, stop)
+
+
+async def _poll(what: str, once: Callable[[], Awaitable[int]], stop: asyncio.Event) -> None:
+    """Call ``once`` every POLL_INTERVAL until ``stop``, at once again while it did a full
+    batch (DUE_BATCH); a failure waits before the next try."""
     while not stop.is_set():
         try:
-            fired = await asyncio.to_thread(fire_due, pool, schema, clock.now(), send)
+            done = await once()
         except TRANSIENT as error:
             if stop.is_set():
                 break
-            log.warning("timers: %s; retrying in %g s", _say(error), RETRY_DELAY)
+            log.warning("%s: %s; retrying in %g s", what, _say(error), RETRY_DELAY)
             await _pause(stop, RETRY_DELAY)
             continue
         except Exception:
-            log.exception("timers: failed; retrying in %g s", BUG_DELAY)
+            log.exception("%s: failed; retrying in %g s", what, BUG_DELAY)
             await _pause(stop, BUG_DELAY)
             continue
-        if fired < DUE_BATCH:
+        if done < DUE_BATCH:
             await _pause(stop, POLL_INTERVAL)
 
 
@@ -418,8 +565,9 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Clock | None = Non
             log.info("scheduler following %s from %d", names.events_stream, position)
             with contextlib.suppress(nats.errors.Error):
                 await ensure_events_stream(js, names)
+            lease = timedelta(seconds=settings.eager_lease_seconds)
             follower = SchedulerFollower(
-                ss.NAME, settings.db_schema, names, js, pool, read, send=send
+                ss.NAME, settings.db_schema, names, js, pool, read, send=send, eager_lease=lease
             )
             follower.position = position
             async with asyncio.TaskGroup() as group:
@@ -427,6 +575,11 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Clock | None = Non
                 group.create_task(
                     poll_timers(pool, settings.db_schema, clock, send, stop),
                     name="scheduler-timers",
+                )
+                held = held_over_nats(nc, names)
+                group.create_task(
+                    poll_leases(pool, settings.db_schema, clock, send, stop, held, lease),
+                    name="scheduler-leases",
                 )
         finally:
             with contextlib.suppress(nats.errors.Error):

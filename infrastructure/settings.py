@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     """Bytes each JetStream stream keeps at most (1 GiB); the server reserves them."""
     max_command_batch: int = Field(default=200, ge=1, le=10_000)
     """At most this many commands are saved in one transaction (group commit)."""
+    eager_lease_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    """Seconds an eagerly started run is left to its starter's worker before the scheduler
+    asks whether that worker still holds it, and again every as many seconds (ADR 17)."""
 
     # Telemetry (docs/observability.md)
     log_format: Literal["auto", "json", "text"] = "auto"

@@ -54,4 +54,9 @@ class Transport(Protocol):
         """The task queue ``queue``, shared by every worker that serves it."""
         ...
 
+    def hold(self, run_id: str) -> AbstractAsyncContextManager[None]:
+        """While entered, say that this process holds run ``run_id`` (an eager start,
+        ADR 17): the scheduler asks before it hands the run to the queue."""
+        ...
+
     async def close(self) -> None: ...

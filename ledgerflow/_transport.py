@@ -63,6 +63,22 @@ class Transport:
         """
         return self._ends.waiting(run_id)
 
+    @contextlib.asynccontextmanager
+    async def hold(self, run_id: str) -> AsyncIterator[None]:
+        """Answer ``<prefix>.held.<run_id>`` while entered (ADR 17): a request there gets
+        a reply while this process holds the run, and no responders once it is gone."""
+
+        async def answer(msg: Msg) -> None:
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(b"held")
+
+        subscription = await self.nc.subscribe(self.names.held(run_id), cb=answer)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(nats.errors.Error):
+                await subscription.unsubscribe()
+
     async def open_queue(self, queue: str, ack_wait: float) -> TaskQueue:
         return await TaskQueue.open(self, queue, ack_wait)
 

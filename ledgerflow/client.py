@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
+from domain.errors import InvalidCommandError
 from infrastructure.settings import Settings
 from ledgerflow import _transport
 from ledgerflow._ports import Transport
@@ -16,16 +18,31 @@ from ledgerflow.context import encode
 from ledgerflow.errors import RunFailedError
 from ledgerflow.flow import workflow_name
 
+if TYPE_CHECKING:
+    from ledgerflow.worker import EagerRun, Worker
+
 ENDED = frozenset({"completed", "failed", "cancelled"})
 RECHECK = 1.0
 """Seconds between looks at a run whose end was not heard (a relay behind, or restarting)."""
+FIRST = asyncio.FIRST_COMPLETED
+KEPT_OUTPUTS = 1024
+"""Outputs of eager runs kept for :meth:`Client.result` after they completed unasked."""
 
 
 class Client:
-    """Talks to the command service: ``await Client.connect(...)``, then ``close()``."""
+    """Talks to the command service: ``await Client.connect(...)``, then ``close()``.
 
-    def __init__(self, transport: Transport) -> None:
+    With ``worker`` (a running :class:`~ledgerflow.Worker` in this process), a run of a
+    workflow that worker serves is started eagerly when it has a free slot (ADR 17): the
+    start's reply hands the run to that worker at once, and :meth:`result` has the
+    output as soon as the worker completes it. Any other run goes through the queue.
+    """
+
+    def __init__(self, transport: Transport, *, worker: Worker | None = None) -> None:
         self._transport = transport
+        self._worker = worker
+        self._eager: dict[str, asyncio.Task[EagerRun]] = {}
+        self._outputs: OrderedDict[str, Any] = OrderedDict()
 
     @classmethod
     async def connect(
@@ -34,11 +51,13 @@ class Client:
         subject_prefix: str = "ledgerflow",
         *,
         settings: Settings | None = None,
+        worker: Worker | None = None,
     ) -> Client:
         if settings is not None:
             nats_url, subject_prefix = settings.nats_url, settings.subject_prefix
         name = f"ledgerflow-client-{uuid.uuid4().hex[:8]}"
-        return cls(await _transport.Transport.connect(nats_url, subject_prefix, name))
+        transport = await _transport.Transport.connect(nats_url, subject_prefix, name)
+        return cls(transport, worker=worker)
 
     async def __aenter__(self) -> Self:
         return self
@@ -55,10 +74,39 @@ class Client:
         self, workflow: str | Callable[..., Any], input: Any = None, key: str | None = None
     ) -> str:
         """Start a run (at most one per ``key``); its id."""
-        reply = await self.command(
-            "start_run", {"workflow": workflow_name(workflow), "input": encode(input), "key": key}
-        )
-        return str(reply["run_id"])
+        name = workflow_name(workflow)
+        body = {"workflow": name, "input": encode(input), "key": key}
+        worker = self._worker
+        if worker is None or not worker.reserve_eager(name):
+            return str((await self.command("start_run", body))["run_id"])
+        try:
+            reply = await self.command("start_run", {**body, "eager": True})
+        except InvalidCommandError:
+            # A command service older than ADR 17 knows no eager start (or the start is
+            # invalid anyway, and is refused again as such).
+            worker.release_eager()
+            return str((await self.command("start_run", body))["run_id"])
+        except BaseException:
+            worker.release_eager()
+            raise
+        run_id, run = str(reply["run_id"]), reply.get("run")
+        if run is None:  # a keyed run that exists already, or a limited workflow
+            worker.release_eager()
+        else:
+            eager = worker.run_eager(run, int(reply["position"]))
+            self._eager[run_id] = eager
+            eager.add_done_callback(lambda done: self._kept(run_id, done))
+        return run_id
+
+    def _kept(self, run_id: str, done: asyncio.Task[EagerRun]) -> None:
+        """An eager run let go: keep its output (if it completed) for :meth:`result`."""
+        if self._eager.get(run_id) is done:
+            del self._eager[run_id]
+        if not _completed(done):
+            return
+        self._outputs[run_id] = done.result().output
+        while len(self._outputs) > KEPT_OUTPUTS:
+            self._outputs.popitem(last=False)
 
     async def send_event(
         self, name: str, data: dict[str, Any] | None = None, id: str | None = None
@@ -89,7 +137,18 @@ class Client:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        if run_id in self._outputs:
+            return self._outputs[run_id]
         async with self._transport.run_ends(run_id) as ended:
+            eager = self._eager.get(run_id)
+            if eager is not None:  # this process's worker holds it: its end is heard here
+                heard = asyncio.ensure_future(ended.wait())  # unless another holder's is
+                try:
+                    await asyncio.wait({eager, heard}, timeout=timeout, return_when=FIRST)
+                finally:
+                    heard.cancel()
+                if _completed(eager):
+                    return eager.result().output
             while True:
                 if getattr(ended, "completed", False):
                     # The published RunCompleted carries the output: a completed run never
@@ -112,3 +171,13 @@ class Client:
 
     async def close(self) -> None:
         await self._transport.close()
+
+
+def _completed(eager: asyncio.Task[EagerRun]) -> bool:
+    """Whether an eager run's worker completed it (its output is then the task's)."""
+    return (
+        eager.done()
+        and not eager.cancelled()
+        and eager.exception() is None
+        and eager.result().completed
+    )

@@ -8,14 +8,18 @@ import inspect
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+from uuid import UUID
 
 from domain.errors import InvalidCommandError, InvalidStateError, StepsPendingError
+from domain.workflow_run import EAGER, EAGER_EXPIRED
+from infrastructure.nats.names import traceparent
 from infrastructure.settings import Settings
 from ledgerflow import _transport
 from ledgerflow._ports import Task, TaskQueue, Transport
-from ledgerflow._telemetry import in_task_scope
+from ledgerflow._telemetry import in_task_scope, task_scope
 from ledgerflow.context import (
     EarlyEnd,
     HandedBack,
@@ -47,6 +51,15 @@ class Outcome(StrEnum):
     NAK = "nak"  # give it back: another worker (or this one, later) takes it
 
 
+@dataclass
+class EagerRun:
+    """What became of a run this worker took at its start (ADR 17)."""
+
+    completed: bool = False
+    output: Any = None
+    """The workflow's output, when this worker completed the run."""
+
+
 class Worker:
     """Serves every workflow of ``flow``, with at most ``concurrency`` tasks in hand."""
 
@@ -70,10 +83,16 @@ class Worker:
         self.ack_wait = ack_wait
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self._held = 0  # tasks in hand (and slots reserved by a fetch under way)
+        self._working = 0  # tasks in hand, eager runs included, without those reservations
         self._freed = asyncio.Event()
         self._stopping = False
         self._transport: Transport | None = transport
         self._given = transport is not None
+        self._in_hand: set[asyncio.Task[Any]] = set()
+        self._stop: asyncio.Event | None = None
+        self._reserved = 0  # eager slots taken whose start has not been answered yet
+        self._answered = asyncio.Event()  # set while _reserved is 0
+        self._answered.set()
         self.ready = asyncio.Event()
         """Set once the workflows are registered and the queues are being pulled."""
 
@@ -109,7 +128,8 @@ class Worker:
                 self.settings.nats_url, self.settings.subject_prefix, f"worker-{self.worker_id}"
             )
         self._transport = transport
-        in_hand: set[asyncio.Task[None]] = set()
+        self._stop = stop
+        in_hand = self._in_hand
         queues: list[TaskQueue] = []
         try:
             if not await self._register(transport, stop):
@@ -131,6 +151,9 @@ class Worker:
             await asyncio.gather(*pullers)
         finally:
             self._stopping = True
+            # An eager start under way is either handed to this worker or given back
+            # before the worker lets go of its runs and closes its connection.
+            await self._answered.wait()
             if in_hand:
                 log.info("stopping: handing back %d run(s) in hand", len(in_hand))
                 await asyncio.gather(*in_hand, return_exceptions=True)
@@ -141,7 +164,7 @@ class Worker:
             log.info("worker %s stopped", self.worker_id)
 
     async def _pull(
-        self, queue: TaskQueue, stop: asyncio.Event, in_hand: set[asyncio.Task[None]]
+        self, queue: TaskQueue, stop: asyncio.Event, in_hand: set[asyncio.Task[Any]]
     ) -> None:
         while not stop.is_set():
             free = self.concurrency - self._held
@@ -160,8 +183,13 @@ class Worker:
                     await asyncio.sleep(RETRY_DELAY)  # a backoff, not a synchronisation
             finally:
                 self._held -= free
-            for task in tasks:
+            excess = max(0, self._working + len(tasks) - self.concurrency)
+            for task in tasks[len(tasks) - excess :]:  # eager runs took slots meanwhile
+                with contextlib.suppress(Exception):
+                    await task.nak()
+            for task in tasks[: len(tasks) - excess]:
                 self._held += 1
+                self._working += 1
                 held = in_task_scope(task, self._hold(task))  # logs and spans name the run
                 job = asyncio.create_task(held, name=f"run-{task.run_id}")
                 in_hand.add(job)
@@ -180,14 +208,90 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
             self._held -= 1
+            self._working -= 1
             self._freed.set()
         try:
             if outcome is Outcome.ACK:
                 await task.ack()
             else:
-                await task.nak(None if self._stopping else retry_delay(task.deliveries))
+                await task.nak(None if self.stopping else retry_delay(task.deliveries))
         except Exception:
             log.warning("run %s: could not %s its task", task.run_id, outcome.value)
+
+    @property
+    def stopping(self) -> bool:
+        """Told to stop: it takes no new task, and gives back what it holds at its next
+        step."""
+        return self._stopping or (self._stop is not None and self._stop.is_set())
+
+    # ----------------------------------------------------------------- eager starts
+    def reserve_eager(self, workflow: str) -> bool:
+        """Take a slot for a run of ``workflow`` about to be started eagerly (ADR 17).
+
+        False when this worker cannot run it at once: not serving yet, stopping, full, or
+        without that workflow. After True, call :meth:`run_eager` with the start's reply,
+        or :meth:`release_eager` when the start was not eager after all.
+        """
+        if not self.ready.is_set() or self.stopping or self._transport is None:
+            return False
+        # An idle worker's fetch reserves every free slot while it waits: those are free
+        # still. Tasks that the fetch returns beyond the free slots go back at once.
+        if self.flow.get(workflow) is None or self._working >= self.concurrency:
+            return False
+        self._held += 1
+        self._working += 1
+        self._reserved += 1
+        self._answered.clear()
+        return True
+
+    def release_eager(self) -> None:
+        """Give back the slot :meth:`reserve_eager` took (the start was not eager)."""
+        self._free_slot()
+        self._start_answered()
+
+    def run_eager(self, run: dict[str, Any], cause: int) -> asyncio.Task[EagerRun]:
+        """Run an eager start on the slot :meth:`reserve_eager` took: ``run`` is the
+        snapshot in the start's reply, ``cause`` the reply's position (its hand-off)."""
+        job = asyncio.create_task(self._eager(run, cause), name=f"eager-{run['run_id']}")
+        self._in_hand.add(job)
+        job.add_done_callback(self._in_hand.discard)
+        job.add_done_callback(lambda _: self._free_slot())  # even if cancelled unstarted
+        self._start_answered()
+        return job
+
+    def _free_slot(self) -> None:
+        self._held -= 1
+        self._working -= 1
+        self._freed.set()
+
+    def _start_answered(self) -> None:
+        self._reserved -= 1
+        if not self._reserved:
+            self._answered.set()
+
+    async def _eager(self, run: dict[str, Any], cause: int) -> EagerRun:
+        """Hold the run (the scheduler asks before it takes it away) and replay it. A run
+        given back goes to its queue at once; if even that is not heard, the scheduler
+        sends it there when the lease runs out."""
+        assert self._transport is not None
+        run_id, dispatch, ended = str(run["run_id"]), int(run["dispatch"]), EagerRun()
+        scope = task_scope(
+            run_id, cause, traceparent(UUID(run_id).hex, cause), dispatch=dispatch, reason=EAGER
+        )
+        with scope:
+            try:
+                async with self._transport.hold(run_id):
+                    outcome = await self._replay(run, dispatch, EAGER, ended)
+            except Exception:
+                log.exception("run %s: the eager run failed; it goes to its queue", run_id)
+                outcome = Outcome.NAK
+            if outcome is Outcome.NAK:
+                body = {"run_id": run_id, "reason": EAGER_EXPIRED, "cause": cause}
+                try:
+                    await self._send("dispatch_run", body)
+                except Exception as e:
+                    log.warning("run %s: not handed to its queue yet (%s)", run_id, e)
+        return ended
 
     async def _heartbeat(self, task: Task) -> None:
         while True:
@@ -197,6 +301,11 @@ class Worker:
 
     # ---------------------------------------------------------------------- one task
     async def _process(self, task: Task) -> Outcome:
+        if task.reason == EAGER:
+            # Only a relay older than ADR 17 queues an eager hand-off: its starter's
+            # worker runs it, and the scheduler's lease stands in for this task.
+            log.warning("run %s: an eager hand-off was queued; it is its starter's", task.run_id)
+            return Outcome.ACK
         run = await self._load(task.run_id)
         if run["status"] in ENDED:
             log.debug("run %s has ended (%s): task dropped", task.run_id, run["status"])
@@ -204,16 +313,22 @@ class Worker:
         if run["dispatch"] > task.dispatch:
             log.debug("run %s: dispatch %d is stale", task.run_id, task.dispatch)
             return Outcome.ACK
+        return await self._replay(run, task.dispatch, task.reason)
+
+    async def _replay(
+        self, run: dict[str, Any], dispatch: int, reason: str, ended: EagerRun | None = None
+    ) -> Outcome:
+        """Replay ``run`` under hand-off ``dispatch``: ACK when this hand-off is done with,
+        NAK to give it back. ``ended`` learns the output of a run this replay completes."""
+        run_id = run["run_id"]
         workflow = self.flow.get(run["workflow"])
         if workflow is None:
-            log.error("run %s: this worker has no workflow %r", task.run_id, run["workflow"])
+            log.error("run %s: this worker has no workflow %r", run_id, run["workflow"])
             return Outcome.NAK
         if run["status"] == "compensating":
             return await self._compensate(workflow, run)
-        log.info("run %s (%s): replaying (%s)", task.run_id, workflow.name, task.reason)
-        ctx = RunContext(
-            run, self._send, task.dispatch, stopping=lambda: self._stopping, reason=task.reason
-        )
+        log.info("run %s (%s): replaying (%s)", run_id, workflow.name, reason)
+        ctx = RunContext(run, self._send, dispatch, stopping=lambda: self.stopping, reason=reason)
         ending: EarlyEnd | None = None
         try:
             try:
@@ -228,37 +343,40 @@ class Worker:
                         _ = ending.reply.cancelled() or ending.reply.exception()
                     raise
         except Suspended as why:
-            log.info("run %s: suspended (%s)", task.run_id, why)
+            log.info("run %s: suspended (%s)", run_id, why)
             return Outcome.ACK
         except HandedBack:
-            log.info("run %s: handed back", task.run_id)
+            log.info("run %s: handed back", run_id)
             return Outcome.NAK
         except Superseded:
-            log.info("run %s: handed off again; letting go", task.run_id)
+            log.info("run %s: handed off again; letting go", run_id)
             return Outcome.ACK
         except Refused as why:
-            log.info("run %s: refused new work (%s)", task.run_id, why)
+            log.info("run %s: refused new work (%s)", run_id, why)
             return await self._after_refusal(workflow, ctx)
         except Exception as e:
-            log.info("run %s: failed with %s: %s", task.run_id, type(e).__name__, e)
-            await self._send("fail_run", {"run_id": task.run_id, "error": error_of(e)})
+            log.info("run %s: failed with %s: %s", run_id, type(e).__name__, e)
+            await self._send("fail_run", {"run_id": run_id, "error": error_of(e)})
             return Outcome.ACK  # any compensation is the next dispatch's (see _compensate)
-        return await self._complete_run(ctx, output, ending)
+        return await self._complete_run(ctx, output, ending, ended)
 
-    async def _complete_run(self, ctx: RunContext, output: Any, ending: EarlyEnd | None) -> Outcome:
+    async def _complete_run(
+        self, ctx: RunContext, output: Any, ending: EarlyEnd | None, ended: EagerRun | None = None
+    ) -> Outcome:
         """The run's end, guarded by every step this replay completed (ADR 16): the one
         sent behind the last completions, else (or again, when it came before a
-        completion was applied) ``complete_run`` now."""
+        completion was applied) ``complete_run`` now. ``ended`` learns the output when
+        this call is what completed the run."""
         body = ending.body if ending is not None else ctx.end_body(encode(output))
         try:
             if ending is not None:
                 try:
-                    await ending.reply
+                    _learn(ended, await ending.reply, body)
                     return _completed(ctx.run_id)
                 except InvalidStateError as e:
                     if e.reason != StepsPendingError.reason:
                         raise
-            await self._send("complete_run", body)
+            _learn(ended, await self._send("complete_run", body), body)
         except InvalidStateError as e:
             if e.reason != StepsPendingError.reason:
                 raise
@@ -272,7 +390,7 @@ class Worker:
             # A command service older than ADR 16 knows no after_steps. (An output it
             # refuses for good is refused again here, and the task goes back.)
             unguarded = {k: v for k, v in body.items() if k != "after_steps"}
-            await self._send("complete_run", unguarded)
+            _learn(ended, await self._send("complete_run", unguarded), body)
         return _completed(ctx.run_id)
 
     async def _call(self, workflow: Workflow, ctx: RunContext, run: dict[str, Any]) -> Any:
@@ -327,6 +445,14 @@ class Worker:
     async def _send(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         assert self._transport is not None
         return await self._transport.command(name, body)
+
+
+def _learn(ended: EagerRun | None, reply: dict[str, Any], body: dict[str, Any]) -> None:
+    """An eager run's output, as the store has it, when this ``complete_run`` completed
+    the run. A run completed by another holder meanwhile (it was handed off) has that
+    holder's output, which only the store knows."""
+    if ended is not None and reply.get("completed_now", True):
+        ended.completed, ended.output = True, body["output"]
 
 
 def _completed(run_id: str) -> Outcome:

@@ -36,6 +36,10 @@ class StartRun(Command):
     workflow: str = Field(min_length=1, max_length=200)
     input: JSONValue = None
     key: str | None = Field(default=None, min_length=1, max_length=500)
+    eager: bool = False
+    """The starter's own worker runs the new run at once (ADR 17): the reply carries its
+    snapshot, and no task is queued unless that worker lets it go. Ignored for a run
+    that exists already (a keyed start) and for a workflow with a concurrency limit."""
 
 
 class SendEvent(Command):

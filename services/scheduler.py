@@ -10,7 +10,7 @@ from typing import Literal, Protocol
 from uuid import UUID
 
 from domain.values import JSON
-from domain.workflow_run import matches
+from domain.workflow_run import EAGER, EAGER_EXPIRED, matches
 from projections.records import EventRecord
 from services import commands as c
 
@@ -36,6 +36,14 @@ GATED = frozenset({"WorkflowRun.RunStarted", "WorkflowRun.RunRetried"})
 
 RELEASED = "released"
 """The reason of a held-back run's hand-off when a slot frees."""
+
+EAGER_LEASE = timedelta(seconds=30)
+"""How long an eagerly started run is left to its starter's worker before the scheduler
+asks whether that worker still holds it (ADR 17); asked again every lease after that."""
+LEASE_GRACE = timedelta(seconds=10)
+"""After a holder did not answer, how long before the scheduler asks once more and, with
+no answer again, hands the run to the queue: longer than a NATS client takes to
+reconnect, so a network blip does not take a run from a worker that still runs it."""
 
 RUN_ENDS = frozenset(
     {
@@ -65,6 +73,39 @@ class Timer:
         if self.kind == "wait":
             return c.TimeOutWait(run_id=self.run_id, name=self.name)
         return c.TimeOutRun(run_id=self.run_id)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An eagerly started run left to its starter's worker until ``due_at`` (ADR 17), a
+    row of its own table (a scheduler older than the lease never sees it). ``cause`` is
+    the position of the eager hand-off. ``suspect``: the holder did not answer once."""
+
+    run_id: UUID
+    due_at: datetime
+    cause: int
+    suspect: bool = False
+
+    def command(self) -> c.Command:
+        return c.DispatchRun(run_id=self.run_id, reason=EAGER_EXPIRED, cause=self.cause)
+
+    def after(
+        self,
+        held: bool | None,
+        now: datetime,
+        eager_lease: timedelta = EAGER_LEASE,
+        grace: timedelta = LEASE_GRACE,
+    ) -> Lease | c.Command:
+        """What a due lease becomes once its holder was asked: renewed when it answered
+        (``held``), unchanged when it could not be asked (None), suspect when it did not
+        answer, and its hand-off to the queue when it did not answer twice."""
+        if held is None:
+            return self
+        if held:
+            return Lease(self.run_id, now + eager_lease, self.cause)
+        if not self.suspect:
+            return Lease(self.run_id, now + grace, self.cause, suspect=True)
+        return self.command()
 
 
 @dataclass(frozen=True)
@@ -130,6 +171,8 @@ class SchedulerView(Protocol):
 
     def delete_timer(self, run_id: UUID, kind: TimerKind, name: str) -> None: ...
 
+    def put_lease(self, lease: Lease) -> None: ...
+
     def put_wait(self, wait: Wait) -> None: ...
 
     def delete_wait(self, run_id: UUID, name: str) -> None: ...
@@ -141,7 +184,7 @@ class SchedulerView(Protocol):
     def parent_of(self, run_id: UUID) -> Parent | None: ...
 
     def end_run(self, run_id: UUID) -> None:
-        """Forget every timer, wait and parent link of an ended run."""
+        """Forget every timer, lease, wait and parent link of an ended run."""
         ...
 
     def put_triggers(self, type_id: UUID, workflow: str | None, triggers: Iterable[str]) -> None:
@@ -194,8 +237,9 @@ class Scheduler:
     in the same transaction as the view, and every command it sends is idempotent.
     """
 
-    def __init__(self, view: SchedulerView) -> None:
+    def __init__(self, view: SchedulerView, eager_lease: timedelta = EAGER_LEASE) -> None:
         self.view = view
+        self.eager_lease = eager_lease
 
     def process(self, record: EventRecord) -> list[c.Command]:
         commands: list[c.Command] = []
@@ -310,6 +354,15 @@ class Scheduler:
         self.view.put_timer(Timer(record.originator_id, "retry", step, due_at, record.position))
         return []
 
+    @_on("WorkflowRun.TaskDispatched")
+    def _task_dispatched(self, record: EventRecord) -> list[c.Command]:
+        """An eager start is leased to its starter's worker: when the lease runs out and
+        that worker no longer holds the run, the run goes to its queue (ADR 17)."""
+        if record.data.get("reason") == EAGER:
+            due_at = record.timestamp + self.eager_lease
+            self.view.put_lease(Lease(record.originator_id, due_at, record.position))
+        return []
+
     @_on("WorkflowRun.StepStarted")
     def _step_started(self, record: EventRecord) -> list[c.Command]:
         self.view.delete_timer(record.originator_id, "retry", _text(record, "step"))
@@ -406,6 +459,7 @@ class MemorySchedulerView:
 
     def __init__(self) -> None:
         self.timers: dict[tuple[UUID, str, str], Timer] = {}
+        self.leases: dict[UUID, Lease] = {}
         self.waits: dict[tuple[UUID, str], Wait] = {}
         self.parents: dict[UUID, Parent] = {}
         self.triggers: dict[UUID, tuple[str, set[str]]] = {}
@@ -417,6 +471,9 @@ class MemorySchedulerView:
 
     def delete_timer(self, run_id: UUID, kind: TimerKind, name: str) -> None:
         self.timers.pop((run_id, kind, name), None)
+
+    def put_lease(self, lease: Lease) -> None:
+        self.leases[lease.run_id] = lease
 
     def put_wait(self, wait: Wait) -> None:
         self.waits[(wait.run_id, wait.name)] = wait
@@ -435,6 +492,7 @@ class MemorySchedulerView:
 
     def end_run(self, run_id: UUID) -> None:
         self.timers = {k: t for k, t in self.timers.items() if k[0] != run_id}
+        self.leases.pop(run_id, None)
         self.waits = {k: w for k, w in self.waits.items() if k[0] != run_id}
         self.parents.pop(run_id, None)
 

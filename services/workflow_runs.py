@@ -73,11 +73,24 @@ class Applied(Reply):
 class RunStartedReply(Reply):
     run_id: UUID
     created: bool
+    run: dict[str, JSON] | None = None
+    """An eager start's run, as ``load_run`` gives it, for the starter's worker (ADR 17)."""
+
+    def to_json(self) -> dict[str, JSON]:
+        body = super().to_json()
+        if body.get("run") is None:
+            body.pop("run", None)  # a plain start's reply stays as it was
+        return body
 
 
 class EventSentReply(Reply):
     event_id: UUID
     created: bool
+
+
+class RunCompletedReply(Reply):
+    completed_now: bool = True
+    """False when the run had completed already (a repeat, or another holder's end)."""
 
 
 class RunLoaded(Reply):
@@ -376,7 +389,9 @@ class WorkflowRuns(Application[UUID]):
             assert isinstance(decided, _Decided)
             if decided.command.command_id is not None:
                 name = command_name(type(decided.command))
-                reply = decided.reply.to_json()
+                # A repeat never hands an eager run out again: a second holder would
+                # run it beside the first under the same hand-off (ADR 17).
+                reply = {k: v for k, v in decided.reply.to_json().items() if k != "run"}
                 log.append(CommandRecord(decided.command.command_id, name, reply, index))
         positions = (
             [r.notification.id for r in self.save(*changed, commands=log)] if changed else []
@@ -389,8 +404,8 @@ class WorkflowRuns(Application[UUID]):
             if isinstance(outcome, _Decided):
                 position = positions[last_event[i]] if i in last_event else head
                 results.append(outcome.reply.model_copy(update={"position": position}))
-            elif isinstance(outcome, int):
-                results.append(results[outcome])
+            elif isinstance(outcome, int):  # a repeat of a command_id in this batch
+                results.append(_repeated(results[outcome]))
             else:
                 results.append(outcome)
         return results
@@ -493,8 +508,11 @@ def _start_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.StartRun) -> Reply:
     run_id = run_id_for(cmd.workflow, cmd.key)
     if cmd.key is not None and uow.exists(run_id):
         return RunStartedReply(run_id=run_id, created=False)
-    uow.add(workflow.new_run(run_id, cmd.input, key=cmd.key))
-    return RunStartedReply(run_id=run_id, created=True)
+    run = workflow.new_run(run_id, cmd.input, key=cmd.key, eager=cmd.eager)
+    uow.add(run)
+    if not run.held_eagerly:
+        return RunStartedReply(run_id=run_id, created=True)
+    return RunStartedReply(run_id=run_id, created=True, run=snapshot_of(run))
 
 
 @handles(c.SendEvent, EventSentReply)
@@ -686,10 +704,12 @@ def _emit_event(app: WorkflowRuns, uow: UnitOfWork, cmd: c.EmitEvent) -> Reply:
     return EventSentReply(event_id=event_id, created=created)
 
 
-@handles(c.CompleteRun)
+@handles(c.CompleteRun, RunCompletedReply)
 def _complete_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.CompleteRun) -> Reply:
-    _run(uow, cmd.run_id).complete(cmd.output, cmd.after_steps)
-    return Applied()
+    run = _run(uow, cmd.run_id)
+    completed_before = run.status is RunStatus.COMPLETED
+    run.complete(cmd.output, cmd.after_steps)
+    return RunCompletedReply(completed_now=not completed_before)
 
 
 @handles(c.FailRun)
@@ -760,6 +780,14 @@ def _new_events(uow: UnitOfWork, before: dict[UUID, int]) -> list[tuple[UUID, in
         for aggregate_id, count in uow.pending().items()
         for index in range(before.get(aggregate_id, 0), count)
     ]
+
+
+def _repeated(result: Result) -> Result:
+    """A repeated command's reply: the first one, never handing an eager run out again
+    (ADR 17; the command log keeps it without the run for the same reason)."""
+    if isinstance(result, RunStartedReply) and result.run is not None:
+        return result.model_copy(update={"run": None})
+    return result
 
 
 R = TypeVar("R", bound=Reply)

@@ -14,16 +14,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import PersistenceError
 
 from domain.values import JSON
+from domain.workflow_run import EAGER
 from infrastructure.bootstrap import bootstrap, init_database
 from infrastructure.event_log import read_after
 from infrastructure.nats.command_service import (
@@ -40,7 +41,7 @@ from projections.memory import InMemoryReadModels
 from projections.records import EventRecord
 from services import commands as c
 from services.clock import Clock, SystemClock
-from services.scheduler import RUN_ENDS, MemorySchedulerView, Scheduler
+from services.scheduler import RUN_ENDS, Lease, MemorySchedulerView, Scheduler
 from services.workflow_runs import WorkflowRuns
 
 log = logging.getLogger("ledgerflow.engine")
@@ -168,7 +169,9 @@ class Engine:
         self.generation = 1
         """Which build of the read models is live: each rebuild swaps in the next one."""
         self._scheduler_view = MemorySchedulerView()
-        self._scheduler = Scheduler(self._scheduler_view)
+        self._eager_lease = timedelta(seconds=settings.eager_lease_seconds)
+        self._scheduler = Scheduler(self._scheduler_view, self._eager_lease)
+        self._holders: Counter[UUID] = Counter()  # eager runs held in this process (ADR 17)
         self._queues: dict[str, EmbeddedQueue] = {}
         self._open: dict[UUID, EventRecord] = {}  # the latest TaskDispatched of live runs
         self._ends: defaultdict[UUID, set[asyncio.Event]] = defaultdict(set)
@@ -190,6 +193,10 @@ class Engine:
         commands = await self._follow(live=False)
         for record in self._open.values():  # hand-offs in flight when the process stopped
             self._deliver_task(record)
+        now = self.clock.now()
+        for lease in list(self._scheduler_view.leases.values()):
+            # Eager runs of the process that stopped: nothing here holds them yet.
+            self._scheduler_view.put_lease(Lease(lease.run_id, now, lease.cause))
         log.info(
             "read %d event(s) from the embedded store in %.2f s",
             self.position,
@@ -317,6 +324,8 @@ class Engine:
         return [r for r in read_after(self.store, after, until - after) if r.position <= until]
 
     def _deliver_task(self, record: EventRecord) -> None:
+        if record.data.get("reason") == EAGER:
+            return  # its starter's worker holds it; the lease timer minds it (ADR 17)
         queue = self.queue(str(record.data["queue"]))
         queue.put(
             Delivery(
@@ -344,13 +353,41 @@ class Engine:
             for timer in due:
                 view.delete_timer(timer.run_id, timer.kind, timer.name)
             self._submit(timer.command() for timer in due)
+            self._submit(self._settle_leases(now))
             upcoming = [t.due_at for t in view.timers.values()]
+            upcoming += [lease.due_at for lease in view.leases.values()]
             wait = MAX_TIMER_SLEEP
             if upcoming:
                 wait = max(0.0, min(wait, (min(upcoming) - now).total_seconds()))
             self._timers_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._timers_changed.wait(), wait)
+
+    def _settle_leases(self, now: datetime) -> list[c.Command]:
+        """Each due lease of an eager run (ADR 17): a holder in this process keeps it,
+        and any other run goes to its queue. With no network between the holder and
+        the engine, a holder that is not here is gone: there is no grace to give."""
+        view = self._scheduler_view
+        commands: list[c.Command] = []
+        for lease in [lease for lease in view.leases.values() if lease.due_at <= now]:
+            if self._holders[lease.run_id]:
+                view.put_lease(Lease(lease.run_id, now + self._eager_lease, lease.cause))
+            else:
+                del view.leases[lease.run_id]
+                commands.append(lease.command())
+        return commands
+
+    @contextlib.asynccontextmanager
+    async def hold(self, run_id: str) -> AsyncIterator[None]:
+        """This process holds an eager run while entered (ADR 17)."""
+        key = UUID(run_id)
+        self._holders[key] += 1
+        try:
+            yield
+        finally:
+            self._holders[key] -= 1
+            if not self._holders[key]:
+                del self._holders[key]
 
     # ------------------------------------------------------------------ run endings
     @contextlib.asynccontextmanager

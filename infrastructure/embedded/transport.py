@@ -39,6 +39,9 @@ class EngineTransport:
     def run_ends(self, run_id: str) -> AbstractAsyncContextManager[asyncio.Event]:
         return self.engine.run_ends(run_id)
 
+    def hold(self, run_id: str) -> AbstractAsyncContextManager[None]:
+        return self.engine.hold(run_id)
+
     async def open_queue(self, queue: str, ack_wait: float) -> TaskQueue:
         found = self.engine.queue(queue)
         found.ack_wait = ack_wait

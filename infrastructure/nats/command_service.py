@@ -13,6 +13,7 @@ from typing import Any
 from uuid import UUID
 
 import nats
+import nats.errors
 from eventsourcing.persistence import OperationalError as StoreOperationalError
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -34,6 +35,10 @@ from services.workflow_runs import COMMANDS, Result, WorkflowRuns
 log = logging.getLogger("ledgerflow.commands")
 
 QUEUE_GROUP = "ledgerflow-commands"
+
+EAGER_MAX_REQUEST_BYTES = 256 * 1024
+"""A larger start is not made eager: its reply repeats the input in the run's snapshot,
+and must stay within NATS's payload limit (1 MiB by default) like any message."""
 
 STORE_DOWN_SECONDS = 1.0
 """After the store fails, commands answer ``unavailable`` at once for this long."""
@@ -149,6 +154,9 @@ class CommandService:
             ).inc()
             await _respond(msg, error_body(e.code, e.message, e.details))
             return
+        eager = isinstance(command, c.StartRun) and command.eager
+        if eager and len(msg.data) > EAGER_MAX_REQUEST_BYTES:
+            command = command.model_copy(update={"eager": False})
         traced = begin_command(name, command, msg.headers) if TRACING.enabled else None
         self._queue.put_nowait(_Pending(name, command, msg, arrived, traced))
 
@@ -223,8 +231,12 @@ def _position_of(body: dict[str, JSON]) -> int | None:
 
 
 async def _respond(msg: Msg, body: dict[str, JSON]) -> None:
-    if msg.reply:  # a plain publish wants no answer
+    if not msg.reply:  # a plain publish wants no answer
+        return
+    try:
         await msg.respond(codec.dumps(body))
+    except nats.errors.Error as e:  # too large, or the connection is down: this reply only
+        log.warning("could not answer a request on %s: %s", msg.subject, e)
 
 
 async def connect_nats(settings: Settings, name: str) -> Client:

@@ -53,6 +53,10 @@ class Names:
     def task(self, queue: str) -> str:
         return f"{self.prefix}.task.{queue}"
 
+    def held(self, run_id: str) -> str:
+        """Core NATS subject the worker holding an eager start answers on (ADR 17)."""
+        return f"{self.prefix}.held.{run_id}"
+
     def consumer(self, projection: str) -> str:
         """Durable JetStream consumer name of a projection builder or process manager."""
         return re.sub(r"[^A-Za-z0-9_-]", "_", f"{self.prefix}-{projection}")

@@ -24,6 +24,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import TupleRow
 
+from domain.workflow_run import EAGER
 from infrastructure import codec
 from infrastructure.bootstrap import bootstrap
 from infrastructure.event_log import head, read_after
@@ -479,11 +480,12 @@ class Relay:
 
         A stored TaskDispatched event thus always has its task stored: after a crash the
         batch is published again, and the task's Nats-Msg-Id makes the repeat a no-op.
+        An eager start's hand-off has no task: the scheduler's lease stands for it.
         """
         futures: list[asyncio.Future[_Ack]] = []
         for record in records:
-            if record.qualified_type != TASK_DISPATCHED:
-                continue
+            if record.qualified_type != TASK_DISPATCHED or record.data.get("reason") == EAGER:
+                continue  # an eager start is its starter's worker's (ADR 17)
             if lease.lost.is_set():
                 return False
             body = codec.dumps(task_body(record))

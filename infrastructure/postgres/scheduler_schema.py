@@ -1,5 +1,5 @@
-"""The scheduler's tables (timers, waits, triggers, parent links, concurrency limits and
-slots) and its tracked position."""
+"""The scheduler's tables (timers, eager leases, waits, triggers, parent links,
+concurrency limits and slots) and its tracked position."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from infrastructure.postgres.schema import PostgresParams
 from infrastructure.settings import Settings
 
 TIMERS = "ledgerflow_scheduler_timers"
+LEASES = "ledgerflow_scheduler_leases"
 WAITS = "ledgerflow_scheduler_waits"
 TRIGGERS = "ledgerflow_scheduler_triggers"
 RUNS = "ledgerflow_scheduler_runs"
@@ -28,6 +29,11 @@ _DDL = (
     " due_at timestamptz NOT NULL, cause bigint NOT NULL DEFAULT 0,"
     " PRIMARY KEY (run_id, kind, name))",
     "CREATE INDEX IF NOT EXISTS {timers_due} ON {timers} (due_at)",
+    # Eagerly started runs, left to their starters' workers until due_at (ADR 17).
+    "CREATE TABLE IF NOT EXISTS {leases} ("
+    " run_id uuid NOT NULL PRIMARY KEY, due_at timestamptz NOT NULL, cause bigint NOT NULL,"
+    " suspect boolean NOT NULL DEFAULT false)",
+    "CREATE INDEX IF NOT EXISTS {leases_due} ON {leases} (due_at)",
     "CREATE TABLE IF NOT EXISTS {waits} ("
     " run_id uuid NOT NULL, name text NOT NULL, event_name text NOT NULL,"
     " match text NOT NULL, PRIMARY KEY (run_id, name))",
@@ -62,6 +68,8 @@ def identifiers(schema: str) -> dict[str, sql.Identifier]:
     return {
         "timers": sql.Identifier(schema, TIMERS),
         "timers_due": sql.Identifier(f"{TIMERS}_due"),
+        "leases": sql.Identifier(schema, LEASES),
+        "leases_due": sql.Identifier(f"{LEASES}_due"),
         "waits": sql.Identifier(schema, WAITS),
         "waits_event": sql.Identifier(f"{WAITS}_event"),
         "triggers": sql.Identifier(schema, TRIGGERS),

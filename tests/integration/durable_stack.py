@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +15,14 @@ import nats
 from infrastructure import projection_runner, scheduler_runner
 from infrastructure.bootstrap import bootstrap
 from infrastructure.embedded.dev import embedded
+from infrastructure.embedded.transport import EngineTransport
 from infrastructure.http import app as http_app
 from infrastructure.nats import relay
 from infrastructure.nats.command_service import CommandService
 from infrastructure.nats.names import Names
 from infrastructure.settings import Settings
-from ledgerflow import Client, Flow, Worker
+from ledgerflow import Client, Flow, Worker, _transport
+from ledgerflow._ports import Transport
 from services.clock import ManualClock
 from services.workflow_runs import WorkflowRuns
 from tests.support import waiting
@@ -37,6 +39,8 @@ class Stack:
     client: Client
     store: WorkflowRuns
     clock: ManualClock
+    connect: Callable[[], Awaitable[Transport]]
+    """A new SDK connection to this backend (another process's, in effect)."""
 
     async def until_run(
         self, run_id: str, condition: Callable[[dict[str, Any]], bool], what: str
@@ -81,7 +85,7 @@ async def everything(
     if settings.sqlite_path is not None:
         api = settings.model_copy(update={"api_port": free_port()})
         async with embedded(api, [flow], concurrency=4, clock=clock, ack_wait=ack_wait) as dev:
-            yield Stack(dev.client, dev.engine.store, clock)
+            yield Stack(dev.client, dev.engine.store, clock, engine_transport(dev.engine))
         return
     async with stack(settings, flow, clock=clock, ack_wait=ack_wait) as running:
         yield running
@@ -116,7 +120,7 @@ async def stack(
     try:
         if worker is not None:
             await waiting.until(_ready(worker, roles), "the worker", DEADLINE)
-        yield Stack(client, store, clock or ManualClock())
+        yield Stack(client, store, clock or ManualClock(), _nats_transport(settings))
     finally:
         stop.set()
         results = await asyncio.gather(*roles, return_exceptions=True)
@@ -125,6 +129,22 @@ async def stack(
         await nc.close()
         await asyncio.to_thread(store.close)
     assert [r for r in results if r is not None] == []
+
+
+def _nats_transport(settings: Settings) -> Callable[[], Awaitable[Transport]]:
+    async def connect() -> Transport:
+        return await _transport.Transport.connect(
+            settings.nats_url, settings.subject_prefix, "ledgerflow-test"
+        )
+
+    return connect
+
+
+def engine_transport(engine: Any) -> Callable[[], Awaitable[Transport]]:
+    async def connect() -> Transport:
+        return EngineTransport(engine)
+
+    return connect
 
 
 def _ready(worker: Worker, roles: list[asyncio.Task[None]]) -> Callable[[], Any]:
@@ -155,7 +175,8 @@ async def with_api(
     settings = settings.model_copy(update={"api_port": free_port()})
     if settings.sqlite_path is not None:
         async with embedded(settings, [flow], concurrency=4, clock=clock, ack_wait=ack_wait) as dev:
-            yield ApiStack(Stack(dev.client, dev.engine.store, clock), dev.api_url)
+            connect = engine_transport(dev.engine)
+            yield ApiStack(Stack(dev.client, dev.engine.store, clock, connect), dev.api_url)
         return
     async with stack(settings, flow, clock=clock, ack_wait=ack_wait) as running:
         stop = asyncio.Event()

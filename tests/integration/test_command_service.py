@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 
 from domain.ids import child_run_id, run_id_for
 from infrastructure.bootstrap import bootstrap, init_database
-from infrastructure.nats.command_service import CommandService
+from infrastructure.nats.command_service import EAGER_MAX_REQUEST_BYTES, CommandService
 from infrastructure.nats.names import Names
 from infrastructure.nats.requests import request
 from infrastructure.postgres.schema import PostgresParams
@@ -39,7 +39,12 @@ async def serving(app: WorkflowRuns, settings: Settings, **options: Any) -> Asyn
     await service.start(server)
 
     async def call(
-        name: str, body: Any = None, raw: bytes | None = None, *, answer: bool = True
+        name: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        *,
+        answer: bool = True,
+        timeout: float = 30,
     ) -> dict[str, Any]:
         """Send a request; ``answer=False`` publishes it with no reply subject (on the
         same connection, so it reaches the service before any later request)."""
@@ -47,7 +52,7 @@ async def serving(app: WorkflowRuns, settings: Settings, **options: Any) -> Asyn
         if not answer:
             await client.publish(names.command(name), payload)
             return {}
-        reply = await request(client, names.command(name), payload, 30)
+        reply = await request(client, names.command(name), payload, timeout)
         result: dict[str, Any] = json.loads(reply.data)
         return result
 
@@ -334,5 +339,49 @@ def test_a_run_end_sent_behind_its_last_completion_waits_for_it_over_nats(
             "StepCompleted",
             "RunCompleted",
         ]
+    finally:
+        app.close()
+
+
+def test_an_eager_start_replies_with_its_run_unless_the_request_is_too_large(
+    database_settings: Settings,
+) -> None:
+    """The reply repeats the input: a start past EAGER_MAX_REQUEST_BYTES is a plain one."""
+
+    async def scenario(call: Call) -> None:
+        assert (await call("register_workflow", {"name": "orders"}))["ok"]
+        small = await call("start_run", {"workflow": "orders", "input": {"n": 1}, "eager": True})
+        assert small["run"]["run_id"] == small["run_id"] and small["run"]["dispatch"] == 1
+        big = {"blob": "x" * (EAGER_MAX_REQUEST_BYTES + 1)}
+        large = await call("start_run", {"workflow": "orders", "input": big, "eager": True})
+        assert large["ok"] and "run" not in large
+        loaded = await call("load_run", {"run_id": large["run_id"]})
+        assert loaded["run"]["dispatch"] == 1  # handed to its queue, as a plain start is
+
+    app = bootstrap(database_settings)
+    try:
+        asyncio.run(_with(app, database_settings, scenario))
+    finally:
+        app.close()
+
+
+def test_a_reply_too_large_for_nats_is_lost_alone_and_the_service_keeps_serving(
+    database_settings: Settings,
+) -> None:
+    """A run whose input nearly fills a request has a snapshot past NATS's payload limit:
+    its ``load_run`` gets no answer, and every other request still does."""
+
+    async def scenario(call: Call) -> None:
+        assert (await call("register_workflow", {"name": "orders"}))["ok"]
+        big = {"blob": "x" * (1024 * 1024 - 200)}
+        started = await call("start_run", {"workflow": "orders", "input": big})
+        assert started["ok"], started
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await call("load_run", {"run_id": started["run_id"]}, timeout=2)
+        assert (await call("register_workflow", {"name": "still"}))["ok"]
+
+    app = bootstrap(database_settings)
+    try:
+        asyncio.run(_with(app, database_settings, scenario))
     finally:
         app.close()

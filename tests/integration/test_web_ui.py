@@ -23,7 +23,7 @@ from infrastructure.http import app as api
 from infrastructure.settings import Settings
 from ledgerflow import Flow, RetryPolicy, RunContext
 from services.clock import ManualClock
-from tests.integration.durable_stack import Stack, stack
+from tests.integration.durable_stack import Stack, engine_transport, stack
 from tests.support import waiting
 from tests.support.isolation import isolated
 from tests.support.servers import free_port
@@ -134,7 +134,9 @@ class Served:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         if self.settings.sqlite_path is not None:
             async with embedded(self.settings, [flow], concurrency=4) as dev:
-                self._stack = Stack(dev.client, dev.engine.store, ManualClock())
+                self._stack = Stack(
+                    dev.client, dev.engine.store, ManualClock(), engine_transport(dev.engine)
+                )
                 self.ready.set()
                 await self._stop.wait()
             return

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from domain.errors import RunNotActiveError, SupersededError
+from domain.errors import InvalidCommandError, RunNotActiveError, SupersededError
 from domain.ids import run_id_for
 from domain.values import Concurrency
 from domain.workflow_run import WorkflowRun
 from services import commands as c
-from services.workflow_runs import RunLoaded
+from services.workflow_runs import RunCompletedReply, RunLoaded, RunStartedReply
 from tests.unit.scenario import Scenario
 
 RUN = run_id_for("orders", "o-1")
@@ -132,3 +132,96 @@ def test_a_run_started_before_adr_13_reads_as_not_dispatched() -> None:
     state: dict[str, Any] = {"workflow": "orders", "key": None, "input": None}
     WorkflowRun.RunStarted.upcast_v1_v2(state)
     assert state["dispatched"] is False
+
+
+# ------------------------------------------------------------------ eager start (ADR 17)
+def eagerly_started() -> Scenario:
+    return Scenario().given(
+        c.RegisterWorkflow(name="orders", queue="payments"),
+        c.StartRun(workflow="orders", key="o-1", input={"n": 1}, eager=True),
+    )
+
+
+def test_an_eager_start_hands_the_run_to_its_starter_and_replies_with_the_run() -> None:
+    s = Scenario().given(c.RegisterWorkflow(name="orders", queue="payments"))
+    s.when(c.StartRun(workflow="orders", key="o-1", input={"n": 1}, eager=True))
+    s.then_events(["RunStarted", "TaskDispatched"])
+    dispatched = s.event(WorkflowRun.TaskDispatched)
+    assert (dispatched.reason, dispatched.dispatch, dispatched.queue) == ("eager", 1, "payments")
+    assert isinstance(s.reply, RunStartedReply) and s.reply.run is not None
+    assert (s.reply.run["input"], s.reply.run["dispatch"]) == ({"n": 1}, 1)
+    assert s.reply.to_json()["run"] == s.reply.run
+    s.when(c.StartStep(run_id=RUN, step="charge", attempt=1, dispatch=1))
+    s.then_events(["StepStarted"])
+
+
+def test_a_plain_starts_reply_carries_no_run() -> None:
+    s = Scenario().given(c.RegisterWorkflow(name="orders"))
+    s.when(c.StartRun(workflow="orders", key="o-1"))
+    assert isinstance(s.reply, RunStartedReply) and "run" not in s.reply.to_json()
+
+
+def test_an_eager_start_of_a_run_that_exists_or_of_a_limited_workflow_is_a_plain_one() -> None:
+    s = eagerly_started()
+    s.when(c.StartRun(workflow="orders", key="o-1", eager=True)).then_events([])
+    assert isinstance(s.reply, RunStartedReply) and s.reply.run is None
+    limited = Scenario().given(c.RegisterWorkflow(name="orders", concurrency=Concurrency(limit=1)))
+    limited.when(c.StartRun(workflow="orders", key="o-1", eager=True))
+    limited.then_events(["RunStarted"])
+    assert isinstance(limited.reply, RunStartedReply) and limited.reply.run is None
+
+
+def test_a_repeated_eager_start_command_never_hands_the_run_out_twice() -> None:
+    s = Scenario().given(c.RegisterWorkflow(name="orders"))
+    [first] = s.app.execute(
+        [c.StartRun(workflow="orders", key="o-1", eager=True, command_id="start-1")]
+    )
+    [repeat] = s.app.execute(
+        [c.StartRun(workflow="orders", key="o-1", eager=True, command_id="start-1")]
+    )
+    assert isinstance(first, RunStartedReply) and isinstance(repeat, RunStartedReply)
+    assert repeat.run is None and repeat.run_id == first.run_id
+
+
+def test_a_command_id_repeated_in_the_same_batch_never_hands_the_run_out_twice() -> None:
+    s = Scenario().given(c.RegisterWorkflow(name="orders"))
+    start = c.StartRun(workflow="orders", key="o-1", eager=True, command_id="start-2")
+    first, repeat = s.app.execute([start, start])
+    assert isinstance(first, RunStartedReply) and isinstance(repeat, RunStartedReply)
+    assert first.run is not None and repeat.run is None
+    assert (repeat.run_id, repeat.position) == (first.run_id, first.position)
+
+
+def test_a_runs_end_says_whether_it_completed_the_run() -> None:
+    s = eagerly_started()
+    s.when(c.CompleteRun(run_id=RUN, output=1))
+    assert isinstance(s.reply, RunCompletedReply) and s.reply.completed_now is True
+    s.when(c.CompleteRun(run_id=RUN, output=2)).then_events([])
+    assert isinstance(s.reply, RunCompletedReply) and s.reply.completed_now is False
+
+
+def test_an_expired_eager_hand_off_goes_to_the_queue_and_fences_its_holder() -> None:
+    s = eagerly_started()
+    s.when(c.DispatchRun(run_id=RUN, reason="eager_expired", cause=2))
+    s.then_events(["TaskDispatched"])
+    assert s.event(WorkflowRun.TaskDispatched).dispatch == 2
+    s.when(c.StartStep(run_id=RUN, step="charge", attempt=1, dispatch=1))
+    s.then_error(SupersededError)
+    s.when(c.DispatchRun(run_id=RUN, reason="eager_expired", cause=5)).then_events([])
+
+
+def test_an_eager_run_that_moved_on_is_not_taken_from_anyone() -> None:
+    sleeping = eagerly_started().given(
+        c.StartStep(run_id=RUN, step="charge", attempt=1, dispatch=1),
+        c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=None),
+        c.StartSleep(run_id=RUN, name="nap", seconds=60),
+    )
+    sleeping.when(c.DispatchRun(run_id=RUN, reason="eager_expired", cause=9)).then_events([])
+    redispatched = eagerly_started().given(c.DispatchRun(run_id=RUN, reason="timer", cause=3))
+    redispatched.when(c.DispatchRun(run_id=RUN, reason="eager_expired", cause=9))
+    redispatched.then_events([])
+
+
+def test_only_a_start_hands_a_run_off_eagerly() -> None:
+    s = started()
+    s.when(c.DispatchRun(run_id=RUN, reason="eager", cause=3)).then_error(InvalidCommandError)

@@ -10,7 +10,18 @@ from domain.ids import run_id_for
 from domain.values import JSON
 from projections.records import EventRecord
 from services import commands as c
-from services.scheduler import Limit, MemorySchedulerView, Parent, Scheduler, Slot, Timer, Wait
+from services.scheduler import (
+    EAGER_LEASE,
+    LEASE_GRACE,
+    Lease,
+    Limit,
+    MemorySchedulerView,
+    Parent,
+    Scheduler,
+    Slot,
+    Timer,
+    Wait,
+)
 from services.workflow_runs import RunStartedReply, WorkflowRuns
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -110,6 +121,41 @@ def test_a_scheduled_retry_dispatches_by_its_own_position_until_the_step_starts(
     assert len(log.view.timers) == 1
     log.given("StepStarted", {"step": "charge", "attempt": 2})
     assert log.view.timers == {}
+
+
+def test_an_eager_start_is_leased_to_its_starter_until_its_run_ends() -> None:
+    log = Log()
+    dispatched = {"reason": "eager", "cause": 0, "dispatch": 1, "queue": "q"}
+    assert log.given("TaskDispatched", dispatched) == []
+    assert log.view.timers == {}
+    assert log.view.leases == {RUN: Lease(RUN, T0 + EAGER_LEASE, cause=1)}
+    assert log.view.leases[RUN].command() == c.DispatchRun(
+        run_id=RUN, reason="eager_expired", cause=1
+    )
+    log.given("RunCompleted", {"output": None})
+    assert log.view.leases == {}
+
+
+def test_a_queued_hand_off_takes_no_lease_and_the_lease_is_the_schedulers_to_set() -> None:
+    log = Log()
+    log.given("TaskDispatched", {"reason": "start", "cause": 0, "dispatch": 1, "queue": "q"})
+    assert log.view.leases == {}
+    short = Log()
+    short.scheduler = Scheduler(short.view, timedelta(seconds=2))
+    short.given("TaskDispatched", {"reason": "eager", "cause": 0, "dispatch": 1, "queue": "q"})
+    assert [lease.due_at for lease in short.view.leases.values()] == [T0 + timedelta(seconds=2)]
+
+
+def test_a_due_lease_is_renewed_while_its_holder_answers_and_expires_after_two_silences() -> None:
+    lease, now = Lease(RUN, T0, cause=4), T0 + timedelta(seconds=1)
+    assert lease.after(True, now) == Lease(RUN, now + EAGER_LEASE, cause=4)
+    assert lease.after(None, now) == lease  # the scheduler could not ask: nothing changes
+    suspect = lease.after(False, now)
+    assert suspect == Lease(RUN, now + LEASE_GRACE, cause=4, suspect=True)
+    assert isinstance(suspect, Lease)
+    # A holder back after a blip keeps its run; one silent twice loses it.
+    assert suspect.after(True, now) == Lease(RUN, now + EAGER_LEASE, cause=4)
+    assert suspect.after(False, now) == lease.command()
 
 
 def test_a_wait_is_indexed_and_its_timeout_kept_until_it_is_settled() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from unittest.mock import ANY
@@ -696,9 +698,22 @@ class _Sending:
 
     def __init__(self, commands: FakeCommands) -> None:
         self.commands = commands
+        self.held: list[str] = []
 
     async def command(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self.commands(name, body)
+
+    @contextlib.asynccontextmanager
+    async def run_ends(self, run_id: str) -> AsyncIterator[asyncio.Event]:
+        yield asyncio.Event()  # never heard: the eager run's own end is
+
+    @contextlib.asynccontextmanager
+    async def hold(self, run_id: str) -> AsyncIterator[None]:
+        self.held.append(run_id)
+        try:
+            yield
+        finally:
+            self.held.remove(run_id)
 
 
 # --------------------------------------------------------------- giving a task back
@@ -800,3 +815,174 @@ def test_a_command_that_gets_no_answer_hands_the_task_back_past_the_workflows_ha
     with pytest.raises(HandedBack, match="no reply"):
         asyncio.run(scenario())
     assert swallowed == []
+
+
+# ------------------------------------------------------------------ eager start (ADR 17)
+EAGER_FLOW = Flow("eager")
+
+
+@EAGER_FLOW.workflow()
+async def wf(ctx: RunContext) -> str:
+    return await ctx.step("a", lambda: "done")
+
+
+def _eager_worker(commands: FakeCommands) -> Any:
+    from infrastructure.settings import Settings
+    from ledgerflow.worker import Worker
+
+    worker = Worker(EAGER_FLOW, Settings(), 1, transport=cast(Transport, _Sending(commands)))
+    worker.ready.set()
+    return worker
+
+
+class EagerCommands(FakeCommands):
+    """start_run with ``eager`` replies with the run, unless ``refuse_eager``."""
+
+    def __init__(self, refuse_eager: bool = False) -> None:
+        super().__init__()
+        self.refuse_eager = refuse_eager
+
+    async def __call__(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        if name != "start_run":
+            return await super().__call__(name, body)
+        self.sent.append((name, body))
+        if body.get("eager") and self.refuse_eager:
+            raise error_for("invalid_command", "invalid start_run request")
+        reply = {"ok": True, "position": 2, "run_id": RUN_ID, "created": True}
+        return {**reply, "run": snapshot(status="queued")} if body.get("eager") else reply
+
+
+def test_a_client_with_a_worker_runs_its_eager_start_there_and_has_the_output() -> None:
+    from ledgerflow import Client
+
+    commands = EagerCommands()
+    worker = _eager_worker(commands)
+
+    async def scenario() -> Any:
+        client = Client(cast(Transport, _Sending(commands)), worker=worker)
+        run_id = await client.start("wf")
+        return await client.result(run_id, timeout=5)
+
+    assert asyncio.run(scenario()) == "done"
+    assert commands.names == ["start_run", "start_step", "complete_step", "complete_run"]
+    assert commands.sent[0][1]["eager"] is True
+    assert worker.reserve_eager("wf")  # its slot is free again
+
+
+def test_a_full_worker_or_an_unknown_workflow_starts_through_the_queue() -> None:
+    from ledgerflow import Client
+
+    commands = EagerCommands()
+    worker = _eager_worker(commands)
+
+    async def scenario() -> None:
+        client = Client(cast(Transport, _Sending(commands)), worker=worker)
+        await client.start("other")
+        assert worker.reserve_eager("wf")  # the only slot
+        await client.start("wf")
+
+    asyncio.run(scenario())
+    assert [body.get("eager") for _, body in commands.sent] == [None, None]
+
+
+def test_a_service_older_than_adr_17_gets_a_plain_start_and_the_slot_is_given_back() -> None:
+    from ledgerflow import Client
+
+    commands = EagerCommands(refuse_eager=True)
+    worker = _eager_worker(commands)
+
+    async def scenario() -> str:
+        return await Client(cast(Transport, _Sending(commands)), worker=worker).start("wf")
+
+    assert asyncio.run(scenario()) == RUN_ID
+    assert [body.get("eager") for _, body in commands.sent] == [True, None]
+    assert worker.reserve_eager("wf")
+
+
+def test_an_eager_run_given_back_goes_to_its_queue_at_once() -> None:
+    commands = FakeCommands()
+    commands.refuse["start_step"] = CommandError("unavailable", "no reply")
+    worker = _eager_worker(commands)
+    assert worker.reserve_eager("wf")
+
+    async def scenario() -> Any:
+        return await worker.run_eager(snapshot(status="queued"), 5)
+
+    ended = asyncio.run(scenario())
+    assert ended.completed is False
+    assert commands.sent[-1] == (
+        "dispatch_run",
+        {"run_id": RUN_ID, "reason": "eager_expired", "cause": 5},
+    )
+    assert worker.reserve_eager("wf")
+
+
+def test_a_queued_eager_hand_off_is_its_starters_and_is_dropped() -> None:
+    commands = FakeCommands(snapshot())
+    worker = _eager_worker(commands)
+
+    class Queued:
+        run_id, dispatch, reason, queue, position, deliveries = RUN_ID, 1, "eager", "q", 7, 1
+
+    assert asyncio.run(worker._process(cast(Any, Queued()))) is Outcome.ACK
+    assert commands.sent == []
+
+
+def test_an_eager_end_that_did_not_complete_the_run_leaves_the_output_to_the_store() -> None:
+    """Another holder completed the run first (it was handed off): its output stands."""
+    from ledgerflow import Client
+
+    class Late(EagerCommands):
+        async def __call__(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+            if name == "complete_run":
+                self.sent.append((name, body))
+                return {"ok": True, "position": 9, "completed_now": False}
+            if name == "load_run":
+                self.sent.append((name, body))
+                return {"ok": True, "run": snapshot(status="completed", output="theirs")}
+            return await super().__call__(name, body)
+
+    commands = Late()
+    worker = _eager_worker(commands)
+
+    async def scenario() -> Any:
+        client = Client(cast(Transport, _Sending(commands)), worker=worker)
+        return await client.result(await client.start("wf"), timeout=5)
+
+    assert asyncio.run(scenario()) == "theirs"
+
+
+def test_tasks_fetched_beyond_the_slots_eager_runs_took_meanwhile_go_back_at_once() -> None:
+    from infrastructure.settings import Settings
+    from ledgerflow.worker import Worker
+
+    worker = Worker(EAGER_FLOW, Settings(), 2, transport=cast(Transport, _Sending(FakeCommands())))
+    worker.ready.set()
+    naks: list[str] = []
+    stop = asyncio.Event()
+
+    class Fetched:
+        dispatch, reason, queue, position, deliveries = 1, "start", "q", 7, 1
+
+        def __init__(self, run_id: str) -> None:
+            self.run_id = run_id
+
+        async def nak(self, delay: float | None = None) -> None:
+            naks.append(self.run_id)
+
+    class Queue:
+        queue = "q"
+
+        async def fetch(self, count: int, timeout: float) -> list[Any]:
+            assert worker.reserve_eager("wf")  # an eager start while the fetch waited
+            stop.set()
+            return [Fetched("r1"), Fetched("r2")]
+
+    async def scenario() -> None:
+        held: list[Any] = []
+        worker._hold = lambda task: held.append(task) or asyncio.sleep(0)  # type: ignore[method-assign,func-returns-value]
+        await worker._pull(cast(Any, Queue()), stop, set())
+        assert [t.run_id for t in held] == ["r1"]
+
+    asyncio.run(scenario())
+    assert naks == ["r2"]
