@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from uuid import UUID
 
 import nats.errors
 import psycopg
@@ -47,6 +48,7 @@ from infrastructure.settings import Settings
 from infrastructure.telemetry.tracing import event_published
 from ledgerflow._telemetry import TRACING
 from projections.records import EventRecord
+from services.scheduler import RUN_ENDS
 from services.workflow_runs import WorkflowRuns
 
 log = logging.getLogger("ledgerflow.relay")
@@ -56,6 +58,15 @@ HEADER_EXPECTED_LAST_SEQUENCE = "Nats-Expected-Last-Sequence"
 
 BATCH_SIZE = 500
 """Events read from the store and published (pipelined) per round trip."""
+LINGER = 0.01
+"""Seconds the relay waits for more events after reading a few that nobody waits for:
+those of runs started eagerly (ADR 17), whose starters learn of each step and of the
+end from their own commands. A busy eager run's commits then go out together."""
+LINGER_BELOW = 50
+"""A read of fewer events than this may linger; more go out at once."""
+EAGER_RUNS_KEPT = 100_000
+"""Live eager runs the relay remembers (the oldest are forgotten: their events are then
+published at once, as any run's)."""
 IDLE_POLL = 0.5
 """Seconds between two reads of the store when no NOTIFY arrives (a safety net)."""
 STANDBY_POLL = 1.0
@@ -263,6 +274,7 @@ class Relay:
         *,
         batch_size: int = BATCH_SIZE,
         idle_poll: float = IDLE_POLL,
+        linger: float = LINGER,
         standby_poll: float = STANDBY_POLL,
         ack_timeout: float = ACK_TIMEOUT,
         retry_delay: float = RETRY_DELAY,
@@ -275,6 +287,7 @@ class Relay:
         self.settings = settings
         self.batch_size = batch_size
         self.idle_poll = idle_poll
+        self.linger = linger
         self.standby_poll = standby_poll
         self.ack_timeout = ack_timeout
         self.retry_delay = retry_delay
@@ -378,6 +391,7 @@ class Relay:
             await ensure_streams(js, self.names, self.limits)
             await inbox.open()
             cursor = await self._resync(js, app)
+            eager = _EagerRuns()
             while not stop.is_set() and not lease.lost.is_set():
                 lease.wake.clear()  # before reading: an insert from now on wakes the wait
                 records, store_head = await asyncio.to_thread(self._read, app, cursor.position)
@@ -386,6 +400,15 @@ class Relay:
                 if not records:
                     await _wait_any(stop, lease.wake, timeout=self.idle_poll)
                     continue
+                if self.linger and len(records) < LINGER_BELOW and eager.only(records):
+                    # Nobody waits for these: a few more commits can go out with them.
+                    await _wait_any(stop, timeout=self.linger)
+                    more, store_head = await asyncio.to_thread(
+                        self._read, app, records[-1].position
+                    )
+                    eager.only(more)
+                    records += more
+                    self.metrics.head_position = max(store_head, cursor.position)
                 if not await self._publish(records, cursor, inbox, lease):
                     if lease.lost.is_set():
                         log.warning("stopped publishing: the relay lock is lost")
@@ -581,6 +604,31 @@ async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
 
 
 TASK_DISPATCHED = "WorkflowRun.TaskDispatched"
+
+
+class _EagerRuns:
+    """The live runs whose latest hand-off is eager, as the relay has read them."""
+
+    def __init__(self) -> None:
+        self._runs: dict[UUID, None] = {}
+
+    def only(self, records: list[EventRecord]) -> bool:
+        """Take note of ``records``; whether each is of a run held eagerly (then nobody
+        waits for it: no task is queued for such a run, and its starter hears of its
+        steps and its end from its own commands)."""
+        for record in records:
+            if record.qualified_type == TASK_DISPATCHED:
+                if record.data.get("reason") == EAGER:
+                    self._runs[record.originator_id] = None
+                else:
+                    self._runs.pop(record.originator_id, None)
+        while len(self._runs) > EAGER_RUNS_KEPT:
+            del self._runs[next(iter(self._runs))]
+        held = all(record.originator_id in self._runs for record in records)
+        for record in records:
+            if record.qualified_type in RUN_ENDS:
+                self._runs.pop(record.originator_id, None)
+        return held
 
 
 def task_body(record: EventRecord) -> dict[str, object]:
