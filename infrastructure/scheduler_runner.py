@@ -143,6 +143,9 @@ class PostgresSchedulerView:
             (lease.run_id, lease.due_at, lease.cause, lease.suspect),
         )
 
+    def delete_lease(self, run_id: UUID) -> None:
+        self._run("DELETE FROM {leases} WHERE run_id = %s", (run_id,))
+
     def put_wait(self, wait: Wait) -> None:
         self._run(
             "INSERT INTO {waits} (run_id, name, event_name, match) VALUES (%s, %s, %s, %s)"
@@ -426,12 +429,19 @@ async def expire_leases(
     if not due:
         return 0
     answers = await asyncio.gather(*(held(lease.run_id) for lease in due))
+    if any(answer is None for answer in answers):
+        # This scheduler cannot ask now: nothing is decided on what it could not hear.
+        raise HoldersUnreachableError("cannot ask the holders of eager runs over NATS")
     after = [
         lease.after(answer, now, eager_lease, grace)
         for lease, answer in zip(due, answers, strict=True)
     ]
     await asyncio.to_thread(_settle_leases, pool, schema, list(zip(due, after, strict=True)), send)
     return len(due)
+
+
+class HoldersUnreachableError(ConnectionError):
+    """The scheduler's own NATS connection is down: no lease is renewed or expired."""
 
 
 def _due_leases(pool: Pool, schema: str, now: datetime, limit: int) -> list[Lease]:
@@ -482,12 +492,18 @@ def held_over_nats(nc: Any, names: Names) -> Held:
     more before it takes the run). None when this scheduler cannot ask at all."""
 
     async def held(run_id: UUID) -> bool | None:
+        reconnects = nc.stats["reconnects"]
+        if not nc.is_connected:
+            return None
         try:
             reply = await nc.request(names.held(str(run_id)), b"", timeout=HELD_TIMEOUT)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            # Silence, unless this scheduler was the one cut off meanwhile (a request
+            # made while reconnecting waits in a buffer and times out).
+            if not nc.is_connected or nc.stats["reconnects"] != reconnects:
+                return None
             return False
-        except nats.errors.Error as e:
-            log.warning("leases: cannot ask the holder of run %s: %s", run_id, e)
+        except nats.errors.Error:
             return None
         return bool(reply.data == HELD)
 
@@ -596,6 +612,9 @@ def _position(pool: Pool, schema: str) -> int:
     with pool.connection() as conn:
         try:
             with conn.transaction():
+                conn.execute(
+                    sql.SQL("SELECT 1 FROM {leases} LIMIT 1").format(**ss.identifiers(schema))
+                )
                 return ss.position(conn, schema)
         except psycopg.errors.UndefinedTable:
             raise ss.SchedulerTablesMissingError(

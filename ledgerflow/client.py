@@ -140,6 +140,8 @@ class Client:
         if run_id in self._outputs:
             return self._outputs[run_id]
         async with self._transport.run_ends(run_id) as ended:
+            if run_id in self._outputs:  # its eager run completed while this subscribed
+                return self._outputs[run_id]
             eager = self._eager.get(run_id)
             if eager is not None:  # this process's worker holds it: its end is heard here
                 heard = asyncio.ensure_future(ended.wait())  # unless another holder's is

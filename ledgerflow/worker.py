@@ -44,6 +44,8 @@ RETRY_DELAY = 1.0
 after that doubles it (up to MAX_RETRY_DELAY), so a run that fails the same way every
 time (an output the service refuses, a bug) does not come back every second."""
 MAX_RETRY_DELAY = 60.0
+ANSWER_WAIT = _transport.COMMAND_TIMEOUT + 5.0
+"""Seconds a stopping worker waits for the eager starts under way to be answered."""
 
 
 class Outcome(StrEnum):
@@ -153,7 +155,8 @@ class Worker:
             self._stopping = True
             # An eager start under way is either handed to this worker or given back
             # before the worker lets go of its runs and closes its connection.
-            await self._answered.wait()
+            with contextlib.suppress(TimeoutError):  # a start gets an answer in that time
+                await asyncio.wait_for(self._answered.wait(), ANSWER_WAIT)
             if in_hand:
                 log.info("stopping: handing back %d run(s) in hand", len(in_hand))
                 await asyncio.gather(*in_hand, return_exceptions=True)
@@ -183,17 +186,17 @@ class Worker:
                     await asyncio.sleep(RETRY_DELAY)  # a backoff, not a synchronisation
             finally:
                 self._held -= free
-            excess = max(0, self._working + len(tasks) - self.concurrency)
-            for task in tasks[len(tasks) - excess :]:  # eager runs took slots meanwhile
-                with contextlib.suppress(Exception):
-                    await task.nak()
-            for task in tasks[: len(tasks) - excess]:
+            keep = max(0, min(len(tasks), self.concurrency - self._working))
+            for task in tasks[:keep]:
                 self._held += 1
                 self._working += 1
                 held = in_task_scope(task, self._hold(task))  # logs and spans name the run
                 job = asyncio.create_task(held, name=f"run-{task.run_id}")
                 in_hand.add(job)
                 job.add_done_callback(in_hand.discard)
+            for task in tasks[keep:]:  # eager runs took those slots while the fetch waited
+                with contextlib.suppress(Exception):
+                    await task.nak()
 
     async def _hold(self, task: Task) -> None:
         """Process one task with a heartbeat, then ack or nak it."""

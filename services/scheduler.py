@@ -45,6 +45,17 @@ LEASE_GRACE = timedelta(seconds=10)
 no answer again, hands the run to the queue: longer than a NATS client takes to
 reconnect, so a network blip does not take a run from a worker that still runs it."""
 
+SUSPENDS = frozenset(
+    {
+        "WorkflowRun.SleepStarted",
+        "WorkflowRun.RetryScheduled",
+        "WorkflowRun.WaitStarted",
+        "WorkflowRun.ChildStarted",
+    }
+)
+"""Events after which a run waits for the scheduler: an eager run's worker let go of it,
+and its lease has nothing more to watch (the scheduler dispatches it when it may go on)."""
+
 RUN_ENDS = frozenset(
     {
         "WorkflowRun.RunCompleted",
@@ -173,6 +184,8 @@ class SchedulerView(Protocol):
 
     def put_lease(self, lease: Lease) -> None: ...
 
+    def delete_lease(self, run_id: UUID) -> None: ...
+
     def put_wait(self, wait: Wait) -> None: ...
 
     def delete_wait(self, run_id: UUID, name: str) -> None: ...
@@ -246,6 +259,8 @@ class Scheduler:
         handler = _HANDLERS.get(record.qualified_type)
         if handler is not None:
             commands += handler(self, record)
+        if record.qualified_type in SUSPENDS:
+            self.view.delete_lease(record.originator_id)
         reason = DISPATCH_REASONS.get(record.qualified_type)
         if reason is not None and record.qualified_type not in GATED:
             commands.append(
@@ -358,9 +373,12 @@ class Scheduler:
     def _task_dispatched(self, record: EventRecord) -> list[c.Command]:
         """An eager start is leased to its starter's worker: when the lease runs out and
         that worker no longer holds the run, the run goes to its queue (ADR 17)."""
-        if record.data.get("reason") == EAGER:
+        reason = record.data.get("reason")
+        if reason == EAGER:
             due_at = record.timestamp + self.eager_lease
             self.view.put_lease(Lease(record.originator_id, due_at, record.position))
+        elif reason == EAGER_EXPIRED:  # the worker gave the run back: the queue has it
+            self.view.delete_lease(record.originator_id)
         return []
 
     @_on("WorkflowRun.StepStarted")
@@ -474,6 +492,9 @@ class MemorySchedulerView:
 
     def put_lease(self, lease: Lease) -> None:
         self.leases[lease.run_id] = lease
+
+    def delete_lease(self, run_id: UUID) -> None:
+        self.leases.pop(run_id, None)
 
     def put_wait(self, wait: Wait) -> None:
         self.waits[(wait.run_id, wait.name)] = wait

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from domain.workflow_run import RunStatus
-from infrastructure import metrics
+from infrastructure import codec, metrics
 from infrastructure.http.commands import read_body
 from infrastructure.http.context import ApiContext, api_context
 from infrastructure.http.errors import RETRY_AFTER_SECONDS, ApiError, error_response, status_of
@@ -280,6 +280,10 @@ async def post_command(
     """Forward a command to the command service over NATS and give back its reply."""
     max_bytes = ctx.settings.max_command_bytes
     payload = await read_body(request, max_bytes)
+    if name == "start_run" and _asks_eager(payload):
+        # The reply would hand the run to a worker the API does not have (ADR 17).
+        message = "an eager start is for a client with a worker in its process (the SDK)"
+        return error_response("invalid_command", message, [{"loc": ["eager"]}])
     reply = await ctx.commands.send(name, payload)
     if reply.get("ok") is True:
         return JSONResponse(reply)
@@ -288,3 +292,11 @@ async def post_command(
     status = status_of(code)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
     return JSONResponse(reply, status_code=status, headers=headers)
+
+
+def _asks_eager(payload: bytes) -> bool:
+    try:
+        body = codec.loads(payload or b"{}")
+    except ValueError:
+        return False  # the command service says what is wrong with it
+    return isinstance(body, dict) and body.get("eager") is True

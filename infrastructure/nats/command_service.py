@@ -118,11 +118,14 @@ class CommandService:
         self.max_bytes = max_bytes
         self.max_batch = max_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._eager_max_bytes = EAGER_MAX_REQUEST_BYTES
         self._store_down_until = 0.0
         self._worker: asyncio.Task[None] | None = None
         self._subscription: Any = None
 
     async def start(self, nc: Client) -> None:
+        # An eager start's reply repeats its input, with room for the rest of the run.
+        self._eager_max_bytes = min(EAGER_MAX_REQUEST_BYTES, nc.max_payload - 16 * 1024)
         self._worker = asyncio.create_task(self._apply_batches(), name="command-batches")
         self._subscription = await nc.subscribe(
             self.names.commands_wildcard, queue=QUEUE_GROUP, cb=self._on_request
@@ -155,7 +158,7 @@ class CommandService:
             await _respond(msg, error_body(e.code, e.message, e.details))
             return
         eager = isinstance(command, c.StartRun) and command.eager
-        if eager and len(msg.data) > EAGER_MAX_REQUEST_BYTES:
+        if eager and len(msg.data) > self._eager_max_bytes:
             command = command.model_copy(update={"eager": False})
         traced = begin_command(name, command, msg.headers) if TRACING.enabled else None
         self._queue.put_nowait(_Pending(name, command, msg, arrived, traced))

@@ -558,6 +558,7 @@ async def _read_your_writes(http: httpx.AsyncClient, client: Client, names: Name
     assert done.status_code == 200
     refusals: list[tuple[str, dict[str, Any], int, str]] = [
         ("start_run", {"workflow": "nobody"}, 404, "unknown_workflow"),
+        ("start_run", {"workflow": "shop", "eager": True}, 400, "invalid_command"),
         ("cancel_run", {"run_id": str(uuid.uuid4())}, 404, "run_not_found"),
         (
             "start_step",

@@ -146,6 +146,26 @@ def test_a_queued_hand_off_takes_no_lease_and_the_lease_is_the_schedulers_to_set
     assert [lease.due_at for lease in short.view.leases.values()] == [T0 + timedelta(seconds=2)]
 
 
+def test_a_lease_ends_when_its_run_waits_for_the_scheduler_or_goes_to_its_queue() -> None:
+    eager = {"reason": "eager", "cause": 0, "dispatch": 1, "queue": "q"}
+    suspends: list[tuple[str, dict[str, JSON]]] = [
+        ("SleepStarted", {"name": "nap", "wake_at": T0.isoformat()}),
+        ("RetryScheduled", {"step": "s", "attempt": 2, "due_at": T0.isoformat()}),
+        ("WaitStarted", {"name": "w", "event_name": "e", "match": {}}),
+        ("ChildStarted", {"name": "c", "run_id": str(uuid4()), "workflow": "f"}),
+        ("TaskDispatched", {"reason": "eager_expired", "cause": 1, "dispatch": 2, "queue": "q"}),
+    ]
+    for kind, data in suspends:
+        log = Log()
+        log.given("TaskDispatched", eager)
+        log.given(kind, data)
+        assert log.view.leases == {}, kind
+    log = Log()
+    log.given("TaskDispatched", eager)
+    log.given("StepStarted", {"step": "s", "attempt": 1})
+    assert list(log.view.leases) == [RUN]
+
+
 def test_a_due_lease_is_renewed_while_its_holder_answers_and_expires_after_two_silences() -> None:
     lease, now = Lease(RUN, T0, cause=4), T0 + timedelta(seconds=1)
     assert lease.after(True, now) == Lease(RUN, now + EAGER_LEASE, cause=4)
@@ -400,3 +420,46 @@ def test_raising_the_limit_releases_queued_runs_at_once() -> None:
         (three, "released", 6)
     ]
     assert Limit.of({"concurrency": {"limit": 0}}) is None
+
+
+class _Nats:
+    """What the scheduler's question to a holder sees of its NATS connection."""
+
+    def __init__(self, answer: object, connected: bool = True, reconnects: int = 0) -> None:
+        self.answer = answer
+        self.is_connected = connected
+        self.stats = {"reconnects": 0}
+        self._reconnects = reconnects
+
+    async def request(self, subject: str, payload: bytes, timeout: float) -> object:
+        self.stats["reconnects"] += self._reconnects
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_a_holder_is_asked_and_only_held_is_an_answer_while_the_scheduler_itself_is_connected() -> (
+    None
+):
+    import asyncio
+    from types import SimpleNamespace
+
+    import nats.errors
+
+    from infrastructure.nats.names import Names
+    from infrastructure.scheduler_runner import held_over_nats
+
+    def ask(nc: _Nats) -> bool | None:
+        async def asked() -> bool | None:
+            return await held_over_nats(nc, Names("t"))(RUN)
+
+        return asyncio.run(asked())
+
+    assert ask(_Nats(SimpleNamespace(data=b"held"))) is True
+    assert ask(_Nats(SimpleNamespace(data=b"+OK"))) is False  # something else answered
+    assert ask(_Nats(nats.errors.NoRespondersError())) is False
+    assert ask(_Nats(nats.errors.TimeoutError())) is False
+    # The scheduler was the one cut off: it cannot tell, and decides nothing.
+    assert ask(_Nats(nats.errors.TimeoutError(), reconnects=1)) is None
+    assert ask(_Nats(SimpleNamespace(data=b"held"), connected=False)) is None
+    assert ask(_Nats(nats.errors.ConnectionClosedError())) is None
