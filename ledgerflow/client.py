@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 ENDED = frozenset({"completed", "failed", "cancelled"})
 RECHECK = 1.0
 """Seconds between looks at a run whose end was not heard (a relay behind, or restarting)."""
-FIRST = asyncio.FIRST_COMPLETED
 KEPT_OUTPUTS = 1024
 """Outputs of eager runs kept for :meth:`Client.result` after they completed unasked."""
 
@@ -146,7 +145,9 @@ class Client:
             if eager is not None:  # this process's worker holds it: its end is heard here
                 heard = asyncio.ensure_future(ended.wait())  # unless another holder's is
                 try:
-                    await asyncio.wait({eager, heard}, timeout=timeout, return_when=FIRST)
+                    await asyncio.wait(
+                        {eager, heard}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     heard.cancel()
                 if _completed(eager):

@@ -84,8 +84,8 @@ class Worker:
         self.concurrency = concurrency
         self.ack_wait = ack_wait
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self._held = 0  # tasks in hand (and slots reserved by a fetch under way)
-        self._working = 0  # tasks in hand, eager runs included, without those reservations
+        self._working = 0  # tasks in hand, eager runs included
+        self._fetching = 0  # slots reserved by the fetches under way
         self._freed = asyncio.Event()
         self._stopping = False
         self._transport: Transport | None = transport
@@ -170,13 +170,13 @@ class Worker:
         self, queue: TaskQueue, stop: asyncio.Event, in_hand: set[asyncio.Task[Any]]
     ) -> None:
         while not stop.is_set():
-            free = self.concurrency - self._held
+            free = self.concurrency - self._working - self._fetching
             if free <= 0:
                 self._freed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._freed.wait(), FETCH_TIMEOUT)
                 continue
-            self._held += free  # reserved, so that other queues' pullers cannot take them
+            self._fetching += free  # so that other queues' pullers cannot take them
             try:
                 tasks = await queue.fetch(free, FETCH_TIMEOUT)
             except Exception:
@@ -185,10 +185,9 @@ class Worker:
                     log.exception("fetching tasks from queue %s failed", queue.queue)
                     await asyncio.sleep(RETRY_DELAY)  # a backoff, not a synchronisation
             finally:
-                self._held -= free
+                self._fetching -= free
             keep = max(0, min(len(tasks), self.concurrency - self._working))
             for task in tasks[:keep]:
-                self._held += 1
                 self._working += 1
                 held = in_task_scope(task, self._hold(task))  # logs and spans name the run
                 job = asyncio.create_task(held, name=f"run-{task.run_id}")
@@ -210,7 +209,6 @@ class Worker:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            self._held -= 1
             self._working -= 1
             self._freed.set()
         try:
@@ -241,7 +239,6 @@ class Worker:
         # still. Tasks that the fetch returns beyond the free slots go back at once.
         if self.flow.get(workflow) is None or self._working >= self.concurrency:
             return False
-        self._held += 1
         self._working += 1
         self._reserved += 1
         self._answered.clear()
@@ -263,7 +260,6 @@ class Worker:
         return job
 
     def _free_slot(self) -> None:
-        self._held -= 1
         self._working -= 1
         self._freed.set()
 

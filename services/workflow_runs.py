@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -36,6 +36,7 @@ from services.command_log import CommandLog, CommandRecord, POPOCommandRecorder
 from services.snapshots import snapshot_of
 
 A = TypeVar("A", bound=Aggregate)
+T = TypeVar("T")
 C = TypeVar("C", bound=c.Command)
 
 MAX_CONFLICT_RETRIES = 8
@@ -389,9 +390,7 @@ class WorkflowRuns(Application[UUID]):
             assert isinstance(decided, _Decided)
             if decided.command.command_id is not None:
                 name = command_name(type(decided.command))
-                # A repeat never hands an eager run out again: a second holder would
-                # run it beside the first under the same hand-off (ADR 17).
-                reply = {k: v for k, v in decided.reply.to_json().items() if k != "run"}
+                reply = _repeated(decided.reply).to_json()  # what a repeat will get
                 log.append(CommandRecord(decided.command.command_id, name, reply, index))
         positions = (
             [r.notification.id for r in self.save(*changed, commands=log)] if changed else []
@@ -782,11 +781,12 @@ def _new_events(uow: UnitOfWork, before: dict[UUID, int]) -> list[tuple[UUID, in
     ]
 
 
-def _repeated(result: Result) -> Result:
-    """A repeated command's reply: the first one, never handing an eager run out again
-    (ADR 17; the command log keeps it without the run for the same reason)."""
+def _repeated(result: T) -> T:
+    """A repeated command's reply: the first one, never handing an eager run out again,
+    since a second holder would run it beside the first under the same hand-off (ADR 17).
+    The command log keeps this reply, and a repeat in the same batch gets it too."""
     if isinstance(result, RunStartedReply) and result.run is not None:
-        return result.model_copy(update={"run": None})
+        return cast(T, result.model_copy(update={"run": None}))
     return result
 
 

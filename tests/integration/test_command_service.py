@@ -378,10 +378,11 @@ def test_a_reply_too_large_for_nats_is_lost_alone_and_the_service_keeps_serving(
         assert started["ok"], started
         with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
             await call("load_run", {"run_id": started["run_id"]}, timeout=2)
-        assert (await call("register_workflow", {"name": "still"}))["ok"]
+        assert (await call("register_workflow", {"name": "still"}, timeout=5))["ok"]
 
     app = bootstrap(database_settings)
     try:
-        asyncio.run(_with(app, database_settings, scenario))
+        # Bounded: a batch loop that died would leave the service's stop waiting forever.
+        asyncio.run(asyncio.wait_for(_with(app, database_settings, scenario), 60))
     finally:
         app.close()

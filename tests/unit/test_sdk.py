@@ -783,7 +783,7 @@ def test_the_worker_gives_a_failing_task_back_with_the_delay_of_its_delivery() -
         raise RuntimeError("a bug")
 
     worker._process = failing  # type: ignore[method-assign]
-    worker._held = 1
+    worker._working = 1
     asyncio.run(worker._hold(cast(Any, ThirdDelivery())))
     assert naks == [retry_delay(3)] == [4.0]
 

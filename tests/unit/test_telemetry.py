@@ -7,7 +7,7 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -30,8 +30,8 @@ from ledgerflow._telemetry import (
     task_scope,
     trace_id_of,
 )
-from projections.records import EventRecord
 from services import commands as c
+from tests.support.records import record
 
 RUN = UUID("0b5c6f4e-8a83-4d8e-9b0a-3f7f2c1d9e11")
 TRACEPARENT = f"00-{RUN.hex}-00000000000000aa-01"
@@ -189,19 +189,6 @@ def test_a_step_attempt_is_timed_and_counted_by_outcome() -> None:
 
 
 # ----------------------------------------------------------------------- run counters
-def record(kind: str, run_id: UUID, position: int, **data: Any) -> EventRecord:
-    return EventRecord(
-        position=position,
-        prev_position=position - 1,
-        originator_id=run_id,
-        version=position,
-        aggregate="WorkflowRun",
-        type=kind,
-        timestamp=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=position),
-        data=dict(data),
-    )
-
-
 def test_runs_are_counted_by_workflow_from_the_records_applied() -> None:
     seen, other = uuid4(), uuid4()
     asked: list[set[UUID]] = []
