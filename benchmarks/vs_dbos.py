@@ -10,7 +10,9 @@ counted as completed by the read-model API; DBOS: ``SUCCESS`` in its system tabl
 
 ledgerflow runs as two `ledgerflow serve` processes (``--serve``: commands and relay;
 projections, scheduler and API), a worker, and a client process (benchmarks.drivers) that
-runs a worker of its own and starts runs eagerly (ADR 17; ``--no-eager``: it does not);
+runs a worker of its own and starts runs eagerly (ADR 17; ``--no-eager``: it does not),
+and applies its commands to the store itself (ADR 19; ``--no-direct``: it sends them to
+the commands role over NATS), as a DBOS application runs and records its workflows itself;
 DBOS as one process (benchmarks.dbos_app). Per run: write transactions (transaction ids
 the server handed out), WAL bytes, CPU of the system's own processes, and apart from those
 PostgreSQL's CPU (the backends of the system's database, plus the server's background
@@ -243,7 +245,11 @@ class Harness:
 
 @contextlib.contextmanager
 def ledgerflow_harness(
-    base: Settings, concurrency: int, serve: Sequence[Sequence[str]] = ((),), eager: bool = True
+    base: Settings,
+    concurrency: int,
+    serve: Sequence[Sequence[str]] = ((),),
+    eager: bool = True,
+    direct: bool = True,
 ) -> Iterator[Harness]:
     with running_ledgerflow(concurrency=concurrency, base=base, serve=serve) as (
         settings,
@@ -255,6 +261,7 @@ def ledgerflow_harness(
             "LEDGERFLOW_NATS_URL": settings.nats_url,
             "LEDGERFLOW_SUBJECT_PREFIX": settings.subject_prefix,
             "BENCH_EAGER_CONCURRENCY": str(concurrency if eager else 0),
+            "LEDGERFLOW_DIRECT_COMMANDS": str(direct).lower(),
         }
         driver = Driver([sys.executable, "-m", "benchmarks.drivers"], env)
         api = httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30)
@@ -448,6 +455,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="ledgerflow's client process runs a worker too and starts runs eagerly (ADR 17), "
         "as DBOS runs workflows in the process that starts them [on]",
     )
+    parser.add_argument(
+        "--direct",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ledgerflow's client process applies its commands to the event store itself "
+        "(ADR 19), as DBOS writes to its database from the process that runs workflows [on]",
+    )
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/vs_dbos.json"))
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
@@ -490,7 +504,11 @@ def compare(args: argparse.Namespace, base: Settings) -> None:
             profile = args.profile / f"round{n + 1}" if args.profile else None
             harness: contextlib.AbstractContextManager[Harness] = (
                 ledgerflow_harness(
-                    base, concurrency=args.in_flight + 14, serve=args.serve, eager=args.eager
+                    base,
+                    concurrency=args.in_flight + 14,
+                    serve=args.serve,
+                    eager=args.eager,
+                    direct=args.direct,
                 )
                 if system == "ledgerflow"
                 else dbos_harness(base)
@@ -531,7 +549,11 @@ def compare(args: argparse.Namespace, base: Settings) -> None:
             "postgres": server_version(base),
         },
         "postgres_server": "private" if args.private_postgres else "shared",
-        "ledgerflow": {"serve": ["/".join(r) for r in args.serve], "eager": args.eager},
+        "ledgerflow": {
+            "serve": ["/".join(r) for r in args.serve],
+            "eager": args.eager,
+            "direct": args.direct,
+        },
         "sizes": {
             k: getattr(args, k)
             for k in ("rounds", "sequential", "runs", "in_flight", "long_runs", "burst")

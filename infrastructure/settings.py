@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     """Bytes each JetStream stream keeps at most (1 GiB); the server reserves them."""
     max_command_batch: int = Field(default=200, ge=1, le=10_000)
     """At most this many commands are saved in one transaction (group commit)."""
+    direct_commands: bool = False
+    """Clients and workers of this process apply their commands to the event store
+    themselves, instead of sending them to the ``commands`` role over NATS (ADR 19). Needs a
+    PostgreSQL ``database_url`` that this process can reach."""
     eager_lease_seconds: float = Field(default=30.0, gt=0, le=86_400)
     """Seconds an eagerly started run is left to its starter's worker before the scheduler
     asks whether that worker still holds it, and again every as many seconds (ADR 17)."""
@@ -55,6 +59,12 @@ class Settings(BaseSettings):
         if url.startswith("sqlite:///") and not url.removeprefix("sqlite:///"):
             raise ValueError("sqlite:/// needs a file path, e.g. sqlite:///.ledgerflow/dev.db")
         return url
+
+    @model_validator(mode="after")
+    def _direct_needs_postgres(self) -> Settings:
+        if self.direct_commands and not self.uses_postgres:
+            raise ValueError("direct_commands needs a postgresql:// database_url")
+        return self
 
     @property
     def api_client_url(self) -> str:

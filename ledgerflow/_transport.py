@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import nats
 import nats.errors
@@ -17,12 +17,18 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from infrastructure import codec
 from infrastructure.nats.names import HEADER_ORIGINATOR_ID, HEADER_TRACEPARENT, Names
 from infrastructure.nats.requests import request
 from infrastructure.nats.streams import StreamLimits, ensure_stream_exists, tasks_config
 from ledgerflow import _ports as ports
 from ledgerflow._telemetry import outgoing_headers
 from ledgerflow.errors import CommandError, checked
+
+if TYPE_CHECKING:
+    from infrastructure.nats.command_service import CommandService
+    from infrastructure.settings import Settings
+    from services.workflow_runs import WorkflowRuns
 
 log = logging.getLogger("ledgerflow.transport")
 
@@ -86,6 +92,110 @@ class Transport:
         self._ends.close()
         if not self.nc.is_closed:
             await self.nc.drain()
+
+
+class DirectTransport(Transport):
+    """Commands applied in this process to the event store (ADR 19), NATS for the rest.
+
+    The commands go through a :class:`CommandService` of this process's own: the same
+    validation, group commit and replies as the ``commands`` role's, without the hop to
+    it. Every direct transport of one event loop on the same settings shares that
+    service, so a client and the worker beside it commit together and share its cache.
+    Run ends, task queues and holds stay on NATS.
+    """
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        subject_prefix: str,
+        service: _SharedService,
+        timeout: float = COMMAND_TIMEOUT,
+    ) -> None:
+        super().__init__(nc, subject_prefix, timeout)
+        self._shared = service
+
+    @classmethod
+    async def open(
+        cls, settings: Settings, name: str, app: WorkflowRuns | None = None
+    ) -> DirectTransport:
+        """``app``: the service to apply commands with, if this opens the shared one (a
+        test's, on its clock); it stays the caller's to close. By default one of its own."""
+        shared = await _SharedService.take(settings, app)
+        try:
+            nc = await nats.connect(settings.nats_url, name=name, connect_timeout=2)
+        except BaseException:
+            await shared.give_back()
+            raise
+        return cls(nc, settings.subject_prefix, shared)
+
+    async def command(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        body = {k: v for k, v in body.items() if v is not None}
+        answer = self._shared.service.submit(name, body, outgoing_headers())
+        try:
+            reply = await asyncio.wait_for(answer, self.timeout)
+        except TimeoutError as e:
+            raise CommandError("unavailable", f"{name}: the event store did not answer") from e
+        # As a reply over NATS would carry it: plain JSON values, nothing shared.
+        return checked(json.loads(codec.dumps(reply)))
+
+    async def close(self) -> None:
+        try:
+            await self._shared.give_back()
+        finally:
+            await super().close()
+
+
+@dataclass
+class _SharedService:
+    """One in-process command service per event loop and settings, with its users."""
+
+    key: tuple[asyncio.AbstractEventLoop, Settings]
+    service: CommandService
+    owned: bool
+    """Whether the service's WorkflowRuns is closed with it."""
+    users: int = 0
+
+    _open: ClassVar[dict[tuple[asyncio.AbstractEventLoop, Settings], _SharedService]] = {}
+
+    @classmethod
+    async def take(cls, settings: Settings, app: WorkflowRuns | None = None) -> _SharedService:
+        key = (asyncio.get_running_loop(), settings)
+        shared = cls._open.get(key)
+        if shared is None:
+            from infrastructure.bootstrap import bootstrap
+            from infrastructure.nats.command_service import CommandService
+
+            owned = app is None
+            if app is None:
+                app = await asyncio.to_thread(bootstrap, settings)
+            shared = cls._open.get(key)  # another user opened it meanwhile
+            if shared is None:
+                service = CommandService.configured(app, settings)
+                await service.start(None)
+                shared = cls._open[key] = cls(key, service, owned)
+            elif owned:
+                app.close()
+        shared.users += 1
+        return shared
+
+    async def give_back(self) -> None:
+        self.users -= 1
+        if self.users > 0:
+            return
+        if self._open.get(self.key) is self:
+            del self._open[self.key]
+        try:
+            await self.service.stop()  # answers every command it took
+        finally:
+            if self.owned:
+                await asyncio.to_thread(self.service.app.close)
+
+
+async def connect(settings: Settings, name: str) -> Transport:
+    """The transport ``settings`` ask for: direct commands, or commands over NATS."""
+    if settings.direct_commands:
+        return await DirectTransport.open(settings, name)
+    return await Transport.connect(settings.nats_url, settings.subject_prefix, name)
 
 
 RUN_ENDS = ("RunCompleted", "RunFailed", "RunCancelled", "RunTimedOut")

@@ -52,9 +52,9 @@ class Client:
         settings: Settings | None = None,
         worker: Worker | None = None,
     ) -> Client:
-        if settings is not None:
-            nats_url, subject_prefix = settings.nats_url, settings.subject_prefix
         name = f"ledgerflow-client-{uuid.uuid4().hex[:8]}"
+        if settings is not None:  # direct commands (ADR 19) if they ask for them
+            return cls(await _transport.connect(settings, name), worker=worker)
         transport = await _transport.Transport.connect(nats_url, subject_prefix, name)
         return cls(transport, worker=worker)
 

@@ -126,9 +126,7 @@ class Worker:
         """Work until ``stop`` is set; then hand back what is in hand and close."""
         transport = self._transport
         if transport is None or not self._given:
-            transport = await _transport.Transport.connect(
-                self.settings.nats_url, self.settings.subject_prefix, f"worker-{self.worker_id}"
-            )
+            transport = await _transport.connect(self.settings, f"worker-{self.worker_id}")
         self._transport = transport
         self._stop = stop
         in_hand = self._in_hand

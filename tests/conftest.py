@@ -53,15 +53,21 @@ def database_settings(postgres_server_url: str) -> Iterator[Settings]:
         drop_database(test_settings.database_url)
 
 
-@pytest.fixture(params=["embedded", "postgres"], ids=["embedded", "postgres+nats"])
+@pytest.fixture(
+    params=["embedded", "postgres", "direct"],
+    ids=["embedded", "postgres+nats", "postgres+nats+direct"],
+)
 def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
     """Settings for each backend in turn: the embedded engine of ``ledgerflow dev`` (a
-    SQLite file of the test's own), and PostgreSQL + NATS (a database and subject prefix
-    of the test's own). Scenarios that take it run on both, so the two never drift."""
+    SQLite file of the test's own), PostgreSQL + NATS (a database and subject prefix of
+    the test's own), and the same with the SDK's direct commands (ADR 19). Scenarios that
+    take it run on each, so they never drift."""
     if request.param == "embedded":
         yield Settings(database_url=f"sqlite:///{tmp_path}/ledgerflow.db")
         return
     from tests.support.isolation import isolated
 
     with isolated(request.getfixturevalue("postgres_server_url")) as own:
+        if request.param == "direct":
+            own = own.model_copy(update={"direct_commands": True})
         yield own

@@ -93,7 +93,8 @@ def reply_body(result: Result) -> dict[str, JSON]:
 class _Pending:
     name: str
     command: c.Command
-    msg: Msg
+    answer: Msg | asyncio.Future[dict[str, JSON]]
+    """The request to respond to, or the future of a command submitted in process."""
     arrived: float
     trace: CommandTrace | None = None
 
@@ -103,6 +104,8 @@ class CommandService:
 
     While one batch is in the database, the next requests queue up and become the next
     batch: under load batches grow to ``max_batch``, and an idle service adds no delay.
+    Requests come over NATS (:meth:`start` with a connection) or from this process
+    (:meth:`submit`: direct commands, ADR 19), through the same parsing and batches.
     """
 
     def __init__(
@@ -123,10 +126,24 @@ class CommandService:
         self._worker: asyncio.Task[None] | None = None
         self._subscription: Any = None
 
-    async def start(self, nc: Client) -> None:
+    @classmethod
+    def configured(cls, app: WorkflowRuns, settings: Settings) -> CommandService:
+        """A service with ``settings``' subjects, size limit and batch size."""
+        return cls(
+            app,
+            Names(settings.subject_prefix),
+            max_bytes=settings.max_command_bytes,
+            max_batch=settings.max_command_batch,
+        )
+
+    async def start(self, nc: Client | None) -> None:
+        """Apply batches; with ``nc``, answer the requests on the commands' subjects too
+        (without, only :meth:`submit` brings commands)."""
+        self._worker = asyncio.create_task(self._apply_batches(), name="command-batches")
+        if nc is None:
+            return
         # An eager start's reply repeats its input, with room for the rest of the run.
         self._eager_max_bytes = min(EAGER_MAX_REQUEST_BYTES, nc.max_payload - 16 * 1024)
-        self._worker = asyncio.create_task(self._apply_batches(), name="command-batches")
         self._subscription = await nc.subscribe(
             self.names.commands_wildcard, queue=QUEUE_GROUP, cb=self._on_request
         )
@@ -147,25 +164,57 @@ class CommandService:
                 await self._worker
 
     async def _on_request(self, msg: Msg) -> None:
-        arrived = time.perf_counter()
         name = msg.subject.rsplit(".", 1)[-1]
+        refusal = self._take(name, msg.data, msg, msg.headers, self._eager_max_bytes)
+        if refusal is not None:
+            await _respond(msg, refusal)
+
+    def submit(
+        self, name: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> asyncio.Future[dict[str, JSON]]:
+        """Queue one command sent from this process (ADR 19); the future of its reply body.
+
+        The body is checked as a request's would be (the same size limit and validation)
+        and joins the same batches. It is queued before this returns, so commands sent one
+        after the other without waiting share a batch as they would over NATS. Its reply
+        is not sent over NATS, so an eager start of any size stays eager.
+        """
+        answer: asyncio.Future[dict[str, JSON]] = asyncio.get_running_loop().create_future()
+        refusal = self._take(name, codec.dumps(body), answer, headers, self.max_bytes)
+        if refusal is not None:
+            answer.set_result(refusal)
+        return answer
+
+    def _take(
+        self,
+        name: str,
+        payload: bytes,
+        answer: Msg | asyncio.Future[dict[str, JSON]],
+        headers: dict[str, str] | None,
+        eager_max_bytes: int,
+    ) -> dict[str, JSON] | None:
+        """Queue a request for the next batch; the refusal to answer at once instead."""
+        arrived = time.perf_counter()
         try:
-            command = parse_command(name, msg.data, self.max_bytes)
+            command = parse_command(name, payload, self.max_bytes)
         except CommandError as e:
             metrics.COMMANDS.labels(
                 name=name if name in COMMANDS else "unknown", outcome=e.code
             ).inc()
-            await _respond(msg, error_body(e.code, e.message, e.details))
-            return
+            return error_body(e.code, e.message, e.details)
         eager = isinstance(command, c.StartRun) and command.eager
-        if eager and len(msg.data) > self._eager_max_bytes:
+        if eager and len(payload) > eager_max_bytes:
             command = command.model_copy(update={"eager": False})
-        traced = begin_command(name, command, msg.headers) if TRACING.enabled else None
-        self._queue.put_nowait(_Pending(name, command, msg, arrived, traced))
+        traced = begin_command(name, command, headers) if TRACING.enabled else None
+        self._queue.put_nowait(_Pending(name, command, answer, arrived, traced))
+        return None
 
     async def _apply_batches(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            # One turn of the loop lets the commands sent in the same turn join (a step's
+            # completion and what the workflow sends right after it): no wait added.
+            await asyncio.sleep(0)
             while len(batch) < self.max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
@@ -173,7 +222,7 @@ class CommandService:
                 for pending, body in zip(batch, results, strict=True):
                     with log_context(_run_of(pending, body), _position_of(body)):
                         self._observe(pending, body)
-                        await _respond(pending.msg, body)
+                        await _respond(pending.answer, body)
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -233,7 +282,11 @@ def _position_of(body: dict[str, JSON]) -> int | None:
     return position if isinstance(position, int) else None
 
 
-async def _respond(msg: Msg, body: dict[str, JSON]) -> None:
+async def _respond(msg: Msg | asyncio.Future[dict[str, JSON]], body: dict[str, JSON]) -> None:
+    if isinstance(msg, asyncio.Future):
+        if not msg.done():  # unless its sender stopped waiting
+            msg.set_result(body)
+        return
     if not msg.reply:  # a plain publish wants no answer
         return
     try:
@@ -257,12 +310,7 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     """The ``commands`` role: serve until ``stop`` is set, then answer what is in hand."""
     app = await asyncio.to_thread(bootstrap, settings)
     nc = await connect_nats(settings, "ledgerflow-commands")
-    service = CommandService(
-        app,
-        Names(settings.subject_prefix),
-        max_bytes=settings.max_command_bytes,
-        max_batch=settings.max_command_batch,
-    )
+    service = CommandService.configured(app, settings)
     try:
         await service.start(nc)
         await stop.wait()

@@ -116,6 +116,13 @@ async def stack(
     worker = Worker(flow, settings, 4, ack_wait=ack_wait) if flow is not None else None
     if worker is not None:
         roles.append(asyncio.create_task(worker.run(stop), name="worker"))
+    # Direct commands (ADR 19): the client and worker apply theirs with this store, on
+    # the test's clock, as the command service does with the requests of other processes.
+    direct = (
+        await _transport.DirectTransport.open(settings, "ledgerflow-test", app=store)
+        if settings.direct_commands
+        else None
+    )
     client = await Client.connect(settings=settings)
     try:
         if worker is not None:
@@ -125,6 +132,8 @@ async def stack(
         stop.set()
         results = await asyncio.gather(*roles, return_exceptions=True)
         await client.close()
+        if direct is not None:
+            await direct.close()
         await service.stop()
         await nc.close()
         await asyncio.to_thread(store.close)

@@ -1,0 +1,188 @@
+"""Direct commands (ADR 19): a client and a worker that apply their commands to the event
+store themselves, with no ``commands`` role running, over a real PostgreSQL and NATS."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from domain.errors import InvalidCommandError
+from infrastructure.bootstrap import bootstrap
+from infrastructure.nats import relay
+from infrastructure.nats.command_service import CommandService
+from infrastructure.nats.names import Names
+from infrastructure.settings import Settings
+from ledgerflow import Client, Flow, RunContext, Worker, _transport
+from ledgerflow.errors import CommandError
+from tests.integration.durable_stack import DEADLINE, kinds
+from tests.support import waiting
+from tests.support.isolation import isolated
+
+pytestmark = pytest.mark.integration
+
+flow = Flow("direct")
+
+
+def work(name: str) -> str:
+    return name
+
+
+@flow.workflow()
+async def three(ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
+    done = [await ctx.step(name, work, name) for name in ("charge", "reserve", "ship")]
+    return {"order": data["order"], "done": done}
+
+
+@pytest.fixture
+def settings(postgres_server_url: str) -> Iterator[Settings]:
+    with isolated(postgres_server_url, direct_commands=True) as own:
+        yield own
+
+
+@asynccontextmanager
+async def no_command_service(settings: Settings) -> AsyncIterator[tuple[Client, Worker]]:
+    """The relay (for queued runs and run ends) and a worker and client with direct
+    commands: nothing answers the commands' NATS subjects."""
+    stop = asyncio.Event()
+    relaying = asyncio.create_task(relay.run(settings, stop))
+    worker = Worker(flow, settings, 4)
+    serving = asyncio.create_task(worker.run(stop))
+    client = await Client.connect(settings=settings, worker=worker)
+    try:
+        await waiting.until(_ready(worker, serving), "the worker", DEADLINE)
+        yield client, worker
+    finally:
+        stop.set()
+        await serving
+        await client.close()
+        await relaying
+
+
+def _ready(worker: Worker, serving: asyncio.Task[None]) -> Any:
+    async def ready() -> bool:
+        if serving.done():
+            serving.result()
+            raise AssertionError("the worker stopped")
+        return worker.ready.is_set()
+
+    return ready
+
+
+def history(settings: Settings, run_id: str) -> list[str]:
+    store = bootstrap(settings)
+    try:
+        return kinds(list(store.events.get(UUID(run_id))), dispatches=True)
+    finally:
+        store.close()
+
+
+def head(settings: Settings) -> int | None:
+    """The position of the store's last event."""
+    store = bootstrap(settings)
+    try:
+        return store.recorder.max_notification_id()
+    finally:
+        store.close()
+
+
+def test_runs_complete_with_no_command_service_eagerly_or_through_the_queue(
+    settings: Settings,
+) -> None:
+    async def scenario() -> None:
+        async with no_command_service(settings) as (client, _):
+            eager = await client.start("three", {"order": "o-1"})
+            assert await client.result(eager, timeout=DEADLINE) == {
+                "order": "o-1",
+                "done": ["charge", "reserve", "ship"],
+            }
+            # A client without the worker: the run goes through the relay and the queue.
+            async with await Client.connect(settings=settings) as other:
+                queued = await other.start("three", {"order": "o-2"})
+                output = await other.result(queued, timeout=DEADLINE)
+            assert output["order"] == "o-2"
+            # Both share the one service of this process, and give it back when closed.
+            assert [s.users for s in _transport._SharedService._open.values()] == [2]
+        assert _transport._SharedService._open == {}
+        eager_history = await asyncio.to_thread(history, settings, eager)
+        assert eager_history[:2] == ["RunStarted", "TaskDispatched"]
+        assert eager_history[-1] == "RunCompleted"
+        assert (await asyncio.to_thread(history, settings, queued))[-1] == "RunCompleted"
+
+    asyncio.run(scenario())
+
+
+def test_a_keyed_start_is_applied_once(settings: Settings) -> None:
+    async def scenario() -> None:
+        async with no_command_service(settings) as (client, _):
+            first = await client.start("three", {"order": "o-1"}, key="o-1")
+            again = await client.start("three", {"order": "o-1"}, key="o-1")
+            assert again == first
+            await client.result(first, timeout=DEADLINE)
+        assert (await asyncio.to_thread(history, settings, first)).count("RunStarted") == 1
+
+    asyncio.run(scenario())
+
+
+def test_bad_input_gets_the_command_services_structured_errors_and_changes_nothing(
+    settings: Settings,
+) -> None:
+    async def scenario() -> None:
+        async with no_command_service(settings) as (client, _):
+            before = await asyncio.to_thread(head, settings)
+            with pytest.raises(InvalidCommandError, match="invalid start_run request"):
+                await client.command("start_run", {"workflow": 5})
+            with pytest.raises(InvalidCommandError, match="unknown command"):
+                await client.command("start_rnu", {"workflow": "three"})
+            with pytest.raises(CommandError) as too_large:
+                await client.command(
+                    "start_run", {"workflow": "three", "input": "x" * (2 * 1024 * 1024)}
+                )
+            assert too_large.value.code == "too_large"
+            assert await asyncio.to_thread(head, settings) == before
+
+    asyncio.run(scenario())
+
+
+def test_direct_commands_need_postgresql() -> None:
+    with pytest.raises(ValueError, match="direct_commands needs a postgresql"):
+        Settings(database_url="sqlite:///x.db", direct_commands=True)
+
+
+def test_commands_sent_in_one_turn_of_the_loop_share_a_batch(settings: Settings) -> None:
+    """A step's completion is sent, and the workflow's next command follows from a task
+    of its own in the same turn: the batch waits for that turn, not longer."""
+
+    async def scenario() -> None:
+        app = await asyncio.to_thread(bootstrap, settings)
+        batches: list[list[str]] = []
+        execute = app.execute
+
+        def counted(commands: Any) -> Any:
+            batches.append([type(command).__name__ for command in commands])
+            return execute(commands)
+
+        app.execute = counted  # type: ignore[method-assign]
+        service = CommandService(app, Names(settings.subject_prefix))
+        await service.start(None)
+        try:
+            await service.submit("register_workflow", {"name": "three"})
+            batches.clear()
+            first = service.submit("start_run", {"workflow": "three", "key": "a"})
+
+            async def then() -> Any:
+                return await service.submit("start_run", {"workflow": "three", "key": "b"})
+
+            second = asyncio.ensure_future(then())
+            replies = await asyncio.gather(first, second)
+            assert [reply["ok"] for reply in replies] == [True, True]
+            assert batches == [["StartRun", "StartRun"]]
+        finally:
+            await service.stop()
+            await asyncio.to_thread(app.close)
+
+    asyncio.run(scenario())
