@@ -1,13 +1,15 @@
 """A run's own path, alone: eager 3-step runs with direct commands, nothing else running.
 
-    .venv/bin/python -m benchmarks.eager_path [--runs 1000]
+    .venv/bin/python -m benchmarks.eager_path [--runs 1000] [--trusting-batch N]
 
 A client and a worker in this process (ADR 17 and ADR 19) run the benchmark's 3-step
 workflow one run at a time on a fresh database of LEDGERFLOW_DATABASE_URL's server, with
 no `serve` process (no relay, read models or scheduler to share the CPU with), and print
 the median start-to-result latency, this process's CPU per run, and its command batches
 per run. It shows the floor under `benchmarks.vs_dbos`'s sequential figure; DBOS's is
-measured there.
+measured there. `--trusting-batch` sets how many step commands a batch may decide on the
+cached run (`services.workflow_runs.TRUSTING_BATCH`; 1 is the behaviour before batches
+could), for an A/B in one place.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from infrastructure.nats.command_service import CommandService
 from infrastructure.postgres.schema import PostgresParams, drop_database
 from infrastructure.settings import Settings
 from ledgerflow import Client, Worker
+from services import workflow_runs
 
 WARM_UP = 50
 
@@ -64,7 +67,9 @@ async def measure(settings: Settings, runs: int) -> tuple[list[float], float, Co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--trusting-batch", type=int, default=workflow_runs.TRUSTING_BATCH)
     args = parser.parse_args()
+    workflow_runs.TRUSTING_BATCH = args.trusting_batch
     params = PostgresParams.from_url(Settings().database_url)
     settings = Settings(
         database_url=params.url(f"ledgerflow_eager_{uuid.uuid4().hex[:8]}"),
@@ -79,7 +84,8 @@ def main() -> None:
     per_run = sum(batches.values()) / args.runs
     sizes = ", ".join(f"{size}: {count}" for size, count in sorted(batches.items()))
     print(
-        f"{args.runs} eager 3-step runs, direct commands: "
+        f"{args.runs} eager 3-step runs, direct commands, "
+        f"trusting batches of {args.trusting_batch}: "
         f"p50 {statistics.median(latencies) * 1000:.2f} ms, "
         f"p99 {statistics.quantiles(latencies, n=100)[98] * 1000:.2f} ms, "
         f"CPU {cpu * 1000:.2f} ms/run, {per_run:.2f} command batches/run (by size {sizes})"

@@ -43,12 +43,18 @@ MAX_CONFLICT_RETRIES = 8
 """Optimistic-concurrency retries before a command gives up with ``conflict``."""
 
 TRUSTING: frozenset[type[c.Command]] = frozenset({c.StartStep, c.CompleteStep, c.CompleteRun})
-"""Commands that read and change their run alone. Alone in a batch, they are first
-decided on the cached run as it is, without asking the store for newer events: the
-insert's version check refuses the save if another instance appended meanwhile, and the
-command is then decided again on the store's state. A refusal, or a decision that
-changes nothing, is decided again too, since neither is checked by an insert. This
-saves a query per command at low load (docs/performance.md, optimisation log)."""
+"""Commands that read and change their run alone. In a small batch of nothing else (and
+no ``command_id``), they are first decided on the cached runs as they are, without
+asking the store for newer events: the insert's version check refuses the save if
+another instance appended meanwhile, and the batch is then decided again on the store's
+state. A refusal, or a decision that changes nothing, sends the batch there too, since
+neither is checked by an insert. This saves a query per batch at low load, where a
+step's completion and the next step's start share one (docs/performance.md,
+optimisation log)."""
+
+TRUSTING_BATCH = 8
+"""At most this many commands are decided trusting the cache: a larger batch reads its
+runs in one query anyway, and one refusal would decide the whole batch twice."""
 
 
 # ------------------------------------------------------------------------------ replies
@@ -305,10 +311,10 @@ class WorkflowRuns(Application[UUID]):
         gets the first reply and changes nothing. When another writer changed the same
         aggregates first, the whole batch is decided again on fresh state.
         """
-        if len(commands) == 1 and type(commands[0]) in TRUSTING and not commands[0].command_id:
-            trusted = self._execute_trusting(commands[0])
+        if _trustable(commands):
+            trusted = self._execute_trusting(commands)
             if trusted is not None:
-                return [trusted]
+                return trusted
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
                 return self._execute_once(commands)
@@ -354,23 +360,29 @@ class WorkflowRuns(Application[UUID]):
             outcomes.append(_Decided(command, reply, _new_events(uow, before)))
         return self._commit(uow, outcomes)
 
-    def _execute_trusting(self, command: c.Command) -> Result | None:
-        """``command`` decided on its cached run as it is (TRUSTING); None when it must be
-        decided again on the store's state: refused, unchanged, or saved too late."""
+    def _execute_trusting(self, commands: Sequence[c.Command]) -> list[Result] | None:
+        """``commands`` decided on their cached runs as they are (TRUSTING); None when they
+        must be decided again on the store's state: one refused or unchanged, or the save
+        too late."""
         uow = UnitOfWork(self, trusting=True)
-        try:
-            reply = self._decide(uow, command)
-        except DomainError:
-            if not uow.changed():
-                uow.committed()  # unchanged: back in the cache as it was
-            return None
+        decided: list[_Decided | Result | int] = []
+        for command in commands:
+            before = uow.pending()
+            try:
+                reply = self._decide(uow, command)
+            except DomainError:
+                break
+            if not uow.changed_since(before):
+                break
+            decided.append(_Decided(command, reply, _new_events(uow, before)))
+        else:
+            try:
+                return self._commit(uow, decided)
+            except RecordConflictError:
+                return None  # another instance appended first: the store decides below
         if not uow.changed():
-            uow.committed()
-            return None
-        try:
-            return self._commit(uow, [_Decided(command, reply, _new_events(uow, {}))])[0]
-        except RecordConflictError:
-            return None  # another instance appended first: the store decides below
+            uow.committed()  # unchanged: back in the cache as they were
+        return None
 
     def _commit(self, uow: UnitOfWork, outcomes: list[_Decided | Result | int]) -> list[Result]:
         changed = uow.changed()
@@ -770,6 +782,12 @@ def _deterministic_ids(commands: Sequence[c.Command]) -> list[UUID]:
     ids = [run_id_for(m.workflow, m.key) for m in commands if isinstance(m, c.StartRun) and m.key]
     ids += [inbound_event_id(m.id) for m in commands if isinstance(m, c.SendEvent) and m.id]
     return ids
+
+
+def _trustable(commands: Sequence[c.Command]) -> bool:
+    return len(commands) <= TRUSTING_BATCH and all(
+        type(command) in TRUSTING and not command.command_id for command in commands
+    )
 
 
 def _new_events(uow: UnitOfWork, before: dict[UUID, int]) -> list[tuple[UUID, int]]:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from eventsourcing.persistence import OperationalError
 
-from domain.errors import InvalidStateError
+from domain.errors import DomainError, InvalidStateError
 from domain.ids import run_id_for
 from domain.workflow_run import RunStatus, StepStatus, WorkflowRun
 from infrastructure.bootstrap import bootstrap
@@ -97,6 +97,73 @@ def test_a_step_command_alone_is_decided_on_its_cached_run_and_again_after_a_con
     assert loaded(app)["steps"]["charge"]["output"] == 7
     app.start_step(c.StartStep(run_id=RUN, step="ship", attempt=1))
     assert inserts == ["IntegrityError", "ok"]  # cached as stored now
+
+
+def test_a_completion_and_the_next_start_in_one_batch_are_decided_on_the_cached_run(
+    app: WorkflowRuns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small batch of step commands trusts the cache as one command alone does: the
+    store is not read before the decision, only written."""
+    app.start_step(c.StartStep(run_id=RUN, step="charge", attempt=1))  # cached
+
+    def no_read(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the store was read")
+
+    monkeypatch.setattr(app.recorder, "select_events", no_read)
+    monkeypatch.setattr(app, "catch_up", no_read)
+    results = app.execute(
+        [
+            c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=7),
+            c.StartStep(run_id=RUN, step="ship", attempt=1),
+        ]
+    )
+    assert not any(isinstance(r, DomainError) for r in results)
+    monkeypatch.undo()
+    run = app.get_run(RUN)
+    assert run.steps["charge"].output == 7
+    assert run.steps["ship"].status is StepStatus.RUNNING
+
+
+def test_a_trusted_batch_on_a_stale_run_is_decided_again_on_the_stores(
+    app: WorkflowRuns, store: Settings
+) -> None:
+    """Another instance moved the run on: the save's version check refuses the trusted
+    batch, and both commands are decided again on the store's state."""
+    app.start_step(c.StartStep(run_id=RUN, step="charge", attempt=1))  # cached
+    other = bootstrap(store)
+    try:
+        other.complete_step(c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=7))
+    finally:
+        other.close()
+    results = app.execute(
+        [
+            c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=8),
+            c.StartStep(run_id=RUN, step="ship", attempt=1),
+        ]
+    )
+    assert not any(isinstance(r, DomainError) for r in results)
+    run = app.get_run(RUN)
+    assert run.steps["charge"].output == 7  # the first outcome stands
+    assert run.steps["ship"].status is StepStatus.RUNNING
+    assert loaded(app)["steps"]["ship"]["status"] == "running"
+
+
+def test_a_refusal_in_a_trusted_batch_refuses_that_command_alone(app: WorkflowRuns) -> None:
+    """One command of the batch is refused on the cached run: the batch is decided again
+    on the store's state, where the other command is applied and the refusal stands."""
+    app.start_step(c.StartStep(run_id=RUN, step="charge", attempt=1))  # cached
+    results = app.execute(
+        [
+            c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=7),
+            c.StartStep(run_id=RUN, step="ship", attempt=3),  # skips attempts: refused
+        ]
+    )
+    assert not isinstance(results[0], DomainError)
+    assert isinstance(results[1], DomainError)
+    run = app.get_run(RUN)
+    assert run.steps["charge"].output == 7
+    assert "ship" not in run.steps
+    assert loaded(app)["steps"]["charge"]["status"] == "completed"
 
 
 def test_a_refusal_on_a_stale_cached_run_is_decided_again_on_the_stores(
