@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 import orjson
@@ -22,19 +23,41 @@ def read_after(app: WorkflowRuns, after: int, limit: int) -> list[EventRecord]:
     eventsourcing inserts under a table lock, ids commit in order, so a skipped id is never
     an insert still in flight: it is gone for good, and ``prev_position`` chains over it.
     """
-    notifications = app.recorder.select_notifications(
-        start=after, limit=limit, inclusive_of_start=False
-    )
+    recorder = app.recorder
+    rows: Sequence[tuple[int, UUID | str, int, str, bytes]]
+    if isinstance(recorder, RowReader):  # PostgreSQL: plain rows, no Notification objects
+        rows = recorder.select_rows_after(after, limit)
+    else:
+        rows = [
+            (n.id, n.originator_id, n.originator_version, n.topic, n.state)
+            for n in recorder.select_notifications(
+                start=after, limit=limit, inclusive_of_start=False
+            )
+        ]
     plain = app.mapper.cipher is None and app.mapper.compressor is None
     records: list[EventRecord] = []
     prev = after
-    for notification in notifications:
-        record = plain_record(notification, prev) if plain else None
-        if record is None:
-            record = record_of(app.mapper.to_domain_event(notification), notification.id, prev)
+    for position, originator_id, version, topic, state in rows:
+        record = plain_record_of(position, originator_id, version, topic, state, prev)
+        if record is None or not plain:
+            notification = Notification(
+                id=position,
+                originator_id=originator_id,
+                originator_version=version,
+                topic=topic,
+                state=state,
+            )
+            record = record_of(app.mapper.to_domain_event(notification), position, prev)
         records.append(record)
-        prev = notification.id
+        prev = position
     return records
+
+
+@runtime_checkable
+class RowReader(Protocol):
+    def select_rows_after(
+        self, after: int, limit: int
+    ) -> list[tuple[int, UUID, int, str, bytes]]: ...
 
 
 def head(app: WorkflowRuns) -> int:
@@ -70,26 +93,47 @@ def plain_record(notification: Notification, prev_position: int) -> EventRecord 
     datetime as ``{"_type_": "datetime_iso", ...}``; an EventRecord's data holds them as
     the strings ``jsonable`` makes of them, which is what this path makes too.
     """
-    aggregate, kind, class_version = _kind(notification.topic)
-    if may_hold_big_ints(notification.state):
+    return plain_record_of(
+        notification.id,
+        notification.originator_id,
+        notification.originator_version,
+        notification.topic,
+        notification.state,
+        prev_position,
+    )
+
+
+def plain_record_of(
+    position: int,
+    originator_id: UUID | str,
+    version: int,
+    topic: str,
+    stored: bytes,
+    prev_position: int,
+) -> EventRecord | None:
+    """:func:`plain_record` of a stored event's columns."""
+    aggregate, kind, class_version = _kind(topic)
+    if may_hold_big_ints(stored):
         return None  # orjson would read an integer beyond 64 bits as a float
     try:
-        state = orjson.loads(notification.state)
+        state = orjson.loads(stored)
         if type(state) is not dict or state.pop("class_version", 1) != class_version:
             return None
         stamp = state["timestamp"]
         if type(stamp) is not dict or stamp.get("_type_") != "datetime_iso":
             return None
-        data = {k: _plain(v) for k, v in state.items() if k not in envelope_keys}
+        if stored.count(b'"_type_"') == 1:  # the timestamp's alone: nothing to convert
+            data = {k: v for k, v in state.items() if k not in envelope_keys}
+        else:
+            data = {k: _plain(v) for k, v in state.items() if k not in envelope_keys}
         timestamp = datetime.fromisoformat(stamp["_data_"])
     except (_NotPlainError, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
-    originator_id = notification.originator_id
     return EventRecord(
-        position=notification.id,
+        position=position,
         prev_position=prev_position,
         originator_id=originator_id if type(originator_id) is UUID else UUID(str(originator_id)),
-        version=notification.originator_version,
+        version=version,
         aggregate=aggregate,
         type=kind,
         timestamp=timestamp,

@@ -16,7 +16,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 from eventsourcing.utils import retry
 from psycopg import Cursor
 from psycopg.errors import UndefinedFunction
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, tuple_row
 from psycopg.sql import SQL, Identifier
 from psycopg.types.json import Jsonb
 
@@ -68,6 +68,11 @@ class CommandLoggingRecorder(PostgresApplicationRecorder):
             " FROM unnest(%s::uuid[], %s::bigint[]) AS k(id, version)"
             " JOIN {} e ON e.originator_id = k.id AND e.originator_version > k.version"
             " ORDER BY e.originator_id, e.originator_version"
+        ).format(Identifier(self.datastore.schema, events_table_name))
+
+        self._select_rows_after = SQL(
+            "SELECT notification_id, originator_id, originator_version, topic, state"
+            " FROM {} WHERE notification_id > %s ORDER BY notification_id LIMIT %s"
         ).format(Identifier(self.datastore.schema, events_table_name))
 
         self.insert_function_name = f"{prefix}_insert_events"
@@ -157,6 +162,14 @@ class CommandLoggingRecorder(PostgresApplicationRecorder):
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(self._select_commands, (list(command_ids),))
             return {row["command_id"]: row["reply"] for row in curs.fetchall()}
+
+    def select_rows_after(self, after: int, limit: int) -> list[tuple[int, UUID, int, str, bytes]]:
+        """The log after position ``after`` as plain rows, for readers of many events
+        (the relay, rebuilds): eventsourcing's ``select_notifications`` without a dict and
+        a Notification per row."""
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
+            curs.execute(self._select_rows_after, (after, limit), prepare=True)
+            return [(row[0], row[1], row[2], row[3], bytes(row[4])) for row in curs.fetchall()]
 
     def select_events_after(self, versions: Sequence[tuple[UUID, int]]) -> list[StoredEvent]:
         """The events of many aggregates after the version of each, in one query (a batch
