@@ -94,6 +94,11 @@ class Transport:
             await self.nc.drain()
 
 
+INLINE_BATCH = 2
+"""Direct commands in a batch of at most this many are applied on the event loop: a
+thread hop per batch cost more than the commit it waits for (docs/performance.md)."""
+
+
 class DirectTransport(Transport):
     """Commands applied in this process to the event store (ADR 19), NATS for the rest.
 
@@ -136,7 +141,7 @@ class DirectTransport(Transport):
         except TimeoutError as e:
             raise CommandError("unavailable", f"{name}: the event store did not answer") from e
         # As a reply over NATS would carry it: plain JSON values, nothing shared.
-        return checked(json.loads(codec.dumps(reply)))
+        return checked(codec.loads(codec.dumps(reply)))
 
     async def close(self) -> None:
         try:
@@ -170,7 +175,7 @@ class _SharedService:
                 app = await asyncio.to_thread(bootstrap, settings)
             shared = cls._open.get(key)  # another user opened it meanwhile
             if shared is None:
-                service = CommandService.configured(app, settings)
+                service = CommandService.configured(app, settings, inline_batch=INLINE_BATCH)
                 await service.start(None)
                 shared = cls._open[key] = cls(key, service, owned)
             elif owned:

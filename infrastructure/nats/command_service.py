@@ -115,11 +115,15 @@ class CommandService:
         *,
         max_bytes: int = 1024 * 1024,
         max_batch: int = 200,
+        inline_batch: int = 0,
     ) -> None:
+        """``inline_batch``: a batch of at most this many commands is applied on the event
+        loop, not in a thread (direct commands, ADR 19)."""
         self.app = app
         self.names = names
         self.max_bytes = max_bytes
         self.max_batch = max_batch
+        self.inline_batch = inline_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._eager_max_bytes = EAGER_MAX_REQUEST_BYTES
         self._store_down_until = 0.0
@@ -127,13 +131,16 @@ class CommandService:
         self._subscription: Any = None
 
     @classmethod
-    def configured(cls, app: WorkflowRuns, settings: Settings) -> CommandService:
+    def configured(
+        cls, app: WorkflowRuns, settings: Settings, *, inline_batch: int = 0
+    ) -> CommandService:
         """A service with ``settings``' subjects, size limit and batch size."""
         return cls(
             app,
             Names(settings.subject_prefix),
             max_bytes=settings.max_command_bytes,
             max_batch=settings.max_command_batch,
+            inline_batch=inline_batch,
         )
 
     async def start(self, nc: Client | None) -> None:
@@ -236,7 +243,11 @@ class CommandService:
         stamps = _stamps(batch) if TRACING.enabled else {}
         try:
             with stamping(stamps):  # asyncio.to_thread runs in a copy of this context
-                results = await asyncio.to_thread(self.app.execute, [p.command for p in batch])
+                commands = [p.command for p in batch]
+                if len(batch) <= self.inline_batch:
+                    results = self.app.execute(commands)  # blocks the loop for one commit
+                else:
+                    results = await asyncio.to_thread(self.app.execute, commands)
         except (StoreOperationalError, PgOperationalError) as e:
             log.warning("event store unavailable: %s", e)
             self._store_down_until = time.monotonic() + STORE_DOWN_SECONDS

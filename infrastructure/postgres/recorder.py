@@ -169,7 +169,8 @@ class CommandLoggingRecorder(PostgresApplicationRecorder):
         a Notification per row."""
         with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as curs:
             curs.execute(self._select_rows_after, (after, limit), prepare=True)
-            return [(row[0], row[1], row[2], row[3], bytes(row[4])) for row in curs.fetchall()]
+            rows: list[tuple[int, UUID, int, str, bytes]] = curs.fetchall()  # bytea: bytes
+            return rows
 
     def select_events_after(self, versions: Sequence[tuple[UUID, int]]) -> list[StoredEvent]:
         """The events of many aggregates after the version of each, in one query (a batch

@@ -4,6 +4,7 @@ store themselves, with no ``commands`` role running, over a real PostgreSQL and 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -181,6 +182,38 @@ def test_commands_sent_in_one_turn_of_the_loop_share_a_batch(settings: Settings)
             replies = await asyncio.gather(first, second)
             assert [reply["ok"] for reply in replies] == [True, True]
             assert batches == [["StartRun", "StartRun"]]
+        finally:
+            await service.stop()
+            await asyncio.to_thread(app.close)
+
+    asyncio.run(scenario())
+
+
+def test_a_small_batch_is_applied_on_the_event_loop_and_a_larger_one_in_a_thread(
+    settings: Settings,
+) -> None:
+    """Direct commands: a thread hop per small batch cost more than its commit."""
+
+    async def scenario() -> None:
+        app = await asyncio.to_thread(bootstrap, settings)
+        threads: list[tuple[int, bool]] = []
+        execute = app.execute
+
+        def where(commands: Any) -> Any:
+            threads.append((len(commands), threading.current_thread() is main))
+            return execute(commands)
+
+        main = threading.current_thread()
+        app.execute = where  # type: ignore[method-assign]
+        service = CommandService.configured(app, settings, inline_batch=2)
+        await service.start(None)
+        try:
+            await service.submit("register_workflow", {"name": "three"})
+            starts = [
+                service.submit("start_run", {"workflow": "three", "key": str(n)}) for n in range(3)
+            ]
+            await asyncio.gather(*starts)
+            assert threads == [(1, True), (3, False)]
         finally:
             await service.stop()
             await asyncio.to_thread(app.close)
