@@ -38,8 +38,10 @@ def read_after(app: WorkflowRuns, after: int, limit: int) -> list[EventRecord]:
     records: list[EventRecord] = []
     prev = after
     for position, originator_id, version, topic, state in rows:
-        record = plain_record_of(position, originator_id, version, topic, state, prev)
-        if record is None or not plain:
+        record = (
+            plain_record_of(position, originator_id, version, topic, state, prev) if plain else None
+        )
+        if record is None:
             notification = Notification(
                 id=position,
                 originator_id=originator_id,

@@ -118,6 +118,7 @@ class DirectTransport(Transport):
     ) -> None:
         super().__init__(nc, subject_prefix, timeout)
         self._shared = service
+        self._closed = False
 
     @classmethod
     async def open(
@@ -144,6 +145,9 @@ class DirectTransport(Transport):
         return checked(codec.loads(codec.dumps(reply)))
 
     async def close(self) -> None:
+        if self._closed:  # the shared service is given back once
+            return
+        self._closed = True
         try:
             await self._shared.give_back()
         finally:
@@ -164,7 +168,11 @@ class _SharedService:
 
     @classmethod
     async def take(cls, settings: Settings, app: WorkflowRuns | None = None) -> _SharedService:
-        key = (asyncio.get_running_loop(), settings)
+        key, given = (asyncio.get_running_loop(), settings), app
+        for stale in [k for k in cls._open if k[0].is_closed()]:
+            left = cls._open.pop(stale)  # its loop ended without closing its users
+            if left.owned:
+                left.service.app.close()
         shared = cls._open.get(key)
         if shared is None:
             from infrastructure.bootstrap import bootstrap
@@ -180,6 +188,8 @@ class _SharedService:
                 shared = cls._open[key] = cls(key, service, owned)
             elif owned:
                 app.close()
+        if given is not None and shared.service.app is not given:
+            raise ValueError("a direct command service is open already with another store")
         shared.users += 1
         return shared
 

@@ -127,6 +127,10 @@ class CommandService:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._eager_max_bytes = EAGER_MAX_REQUEST_BYTES
         self._store_down_until = 0.0
+        self._inline_ok = True
+        """False from a store failure until a batch in a thread succeeds: a batch on the
+        event loop would hold it for the store's retries (seconds) while it is down."""
+        self._stopped = False
         self._worker: asyncio.Task[None] | None = None
         self._subscription: Any = None
 
@@ -161,14 +165,17 @@ class CommandService:
 
     async def stop(self) -> None:
         """Stop taking requests, answer every one already taken, then return."""
+        self._stopped = True
         if self._subscription is not None:
             await self._subscription.unsubscribe()
             self._subscription = None
-        await self._queue.join()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        try:
+            await self._queue.join()
+        finally:
+            if self._worker is not None:
+                self._worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._worker
 
     async def _on_request(self, msg: Msg) -> None:
         name = msg.subject.rsplit(".", 1)[-1]
@@ -187,7 +194,12 @@ class CommandService:
         is not sent over NATS, so an eager start of any size stays eager.
         """
         answer: asyncio.Future[dict[str, JSON]] = asyncio.get_running_loop().create_future()
-        refusal = self._take(name, codec.dumps(body), answer, headers, self.max_bytes)
+        if self._stopped:
+            answer.set_result(error_body("unavailable", "the command service has stopped"))
+            return answer
+        # Encoded as the SDK encodes a request over NATS (NaN stays NaN, and is refused).
+        payload = json.dumps(body).encode()
+        refusal = self._take(name, payload, answer, headers, self.max_bytes)
         if refusal is not None:
             answer.set_result(refusal)
         return answer
@@ -244,13 +256,15 @@ class CommandService:
         try:
             with stamping(stamps):  # asyncio.to_thread runs in a copy of this context
                 commands = [p.command for p in batch]
-                if len(batch) <= self.inline_batch:
-                    results = self.app.execute(commands)  # blocks the loop for one commit
+                if len(batch) <= self.inline_batch and self._inline_ok:
+                    results = self.app.execute(commands)  # holds the loop for one commit
                 else:
                     results = await asyncio.to_thread(self.app.execute, commands)
+                    self._inline_ok = True
         except (StoreOperationalError, PgOperationalError) as e:
             log.warning("event store unavailable: %s", e)
             self._store_down_until = time.monotonic() + STORE_DOWN_SECONDS
+            self._inline_ok = False
             return [unavailable] * len(batch)
         except Exception:
             log.exception("batch of %d commands failed", len(batch))

@@ -163,6 +163,7 @@ class CommandLoggingRecorder(PostgresApplicationRecorder):
             curs.execute(self._select_commands, (list(command_ids),))
             return {row["command_id"]: row["reply"] for row in curs.fetchall()}
 
+    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def select_rows_after(self, after: int, limit: int) -> list[tuple[int, UUID, int, str, bytes]]:
         """The log after position ``after`` as plain rows, for readers of many events
         (the relay, rebuilds): eventsourcing's ``select_notifications`` without a dict and

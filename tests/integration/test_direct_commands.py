@@ -4,6 +4,7 @@ store themselves, with no ``commands`` role running, over a real PostgreSQL and 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -11,11 +12,12 @@ from typing import Any
 from uuid import UUID
 
 import pytest
+from eventsourcing.persistence import OperationalError
 
 from domain.errors import InvalidCommandError
 from infrastructure.bootstrap import bootstrap
 from infrastructure.nats import relay
-from infrastructure.nats.command_service import CommandService
+from infrastructure.nats.command_service import STORE_DOWN_SECONDS, CommandService
 from infrastructure.nats.names import Names
 from infrastructure.settings import Settings
 from ledgerflow import Client, Flow, RunContext, Worker, _transport
@@ -217,5 +219,64 @@ def test_a_small_batch_is_applied_on_the_event_loop_and_a_larger_one_in_a_thread
         finally:
             await service.stop()
             await asyncio.to_thread(app.close)
+
+    asyncio.run(scenario())
+
+
+def test_nan_is_refused_as_over_nats_and_a_transport_closed_twice_gives_back_once(
+    settings: Settings,
+) -> None:
+    async def scenario() -> None:
+        first = await _transport.DirectTransport.open(settings, "first")
+        second = await _transport.DirectTransport.open(settings, "second")
+        try:
+            await first.command("register_workflow", {"name": "three"})
+            with pytest.raises(InvalidCommandError):
+                await first.command("start_run", {"workflow": "three", "input": math.nan})
+            await first.close()
+            await first.close()  # e.g. `async with` and then close(): the service stays
+            reply = await second.command("start_run", {"workflow": "three"})
+            assert reply["ok"]
+        finally:
+            await second.close()
+        assert _transport._SharedService._open == {}
+
+    asyncio.run(scenario())
+
+
+def test_after_a_store_failure_batches_go_to_a_thread_until_one_succeeds_there(
+    settings: Settings,
+) -> None:
+    """A batch on the event loop would hold it for the store's retries while the store
+    is down: after a failure, the next batches run in a thread until one succeeds."""
+
+    async def scenario() -> None:
+        app = await asyncio.to_thread(bootstrap, settings)
+        threads: list[bool] = []
+        execute, down = app.execute, [True]
+
+        def flaky(commands: Any) -> Any:
+            threads.append(threading.current_thread() is main)
+            if down[0]:
+                down[0] = False
+                raise OperationalError("the store went away")
+            return execute(commands)
+
+        main = threading.current_thread()
+        app.execute = flaky  # type: ignore[method-assign]
+        service = CommandService.configured(app, settings, inline_batch=2)
+        await service.start(None)
+        try:
+            refused = await service.submit("register_workflow", {"name": "three"})
+            assert refused["error"]["code"] == "unavailable"
+            await asyncio.sleep(STORE_DOWN_SECONDS)
+            for _ in range(2):
+                assert (await service.submit("register_workflow", {"name": "three"}))["ok"]
+            assert threads == [True, False, True]  # inline, thread (it worked), inline
+        finally:
+            await service.stop()
+            await asyncio.to_thread(app.close)
+        stopped = await service.submit("register_workflow", {"name": "three"})
+        assert stopped["error"]["code"] == "unavailable"
 
     asyncio.run(scenario())
