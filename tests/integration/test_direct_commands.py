@@ -280,3 +280,55 @@ def test_after_a_store_failure_batches_go_to_a_thread_until_one_succeeds_there(
         assert stopped["error"]["code"] == "unavailable"
 
     asyncio.run(scenario())
+
+
+def test_two_writers_with_their_own_caches_drive_one_run_in_turns(settings: Settings) -> None:
+    """Two processes with direct commands, in effect (two services, two caches): each
+    decides on its cached run, and a stale one is caught by the save and decided again
+    on the store's state; no event is lost or doubled."""
+
+    async def scenario() -> None:
+        first = await _transport.DirectTransport.open(settings, "first")
+        other = settings.model_copy(update={"db_pool_size": 4})  # another service
+        second = await _transport.DirectTransport.open(other, "second")
+        try:
+            await first.command("register_workflow", {"name": "three"})
+            run_id = (await first.command("start_run", {"workflow": "three"}))["run_id"]
+
+            def step(name: str, kind: str) -> dict[str, Any]:
+                body: dict[str, Any] = {"run_id": run_id, "step": name, "attempt": 1}
+                return {**body, "output": name} if kind == "complete_step" else body
+
+            for name, starter, completer in [
+                ("charge", first, second),
+                ("reserve", first, second),
+                ("ship", second, first),
+            ]:
+                await starter.command("start_step", step(name, "start_step"))
+                await completer.command("complete_step", step(name, "complete_step"))
+            # Both at once, each on a cached run the other has moved on: a trusted batch
+            # refused by the save, then decided again.
+            replies = await asyncio.gather(
+                first.command("load_run", {"run_id": run_id}),
+                second.command(
+                    "complete_run",
+                    {"run_id": run_id, "output": 3, "after_steps": ["charge", "reserve", "ship"]},
+                ),
+            )
+            assert replies[1]["ok"]
+            run = (await first.command("load_run", {"run_id": run_id}))["run"]
+            assert run["status"] == "completed"
+            assert {n: s["output"] for n, s in run["steps"].items()} == {
+                "charge": "charge",
+                "reserve": "reserve",
+                "ship": "ship",
+            }
+        finally:
+            await first.close()
+            await second.close()
+        kinds_ = await asyncio.to_thread(history, settings, run_id)
+        assert kinds_.count("StepStarted") == 3
+        assert kinds_.count("StepCompleted") == 3
+        assert kinds_.count("RunCompleted") == 1
+
+    asyncio.run(scenario())
