@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 from uuid import UUID
 
 import orjson
@@ -25,8 +25,9 @@ def read_after(app: WorkflowRuns, after: int, limit: int) -> list[EventRecord]:
     """
     recorder = app.recorder
     rows: Sequence[tuple[int, UUID | str, int, str, bytes]]
-    if isinstance(recorder, RowReader):  # PostgreSQL: plain rows, no Notification objects
-        rows = recorder.select_rows_after(after, limit)
+    select_rows = getattr(recorder, "select_rows_after", None)
+    if select_rows is not None:  # PostgreSQL: plain rows, no Notification objects
+        rows = select_rows(after, limit)
     else:
         rows = [
             (n.id, n.originator_id, n.originator_version, n.topic, n.state)
@@ -55,13 +56,6 @@ def read_after(app: WorkflowRuns, after: int, limit: int) -> list[EventRecord]:
     return records
 
 
-@runtime_checkable
-class RowReader(Protocol):
-    def select_rows_after(
-        self, after: int, limit: int
-    ) -> list[tuple[int, UUID, int, str, bytes]]: ...
-
-
 def head(app: WorkflowRuns) -> int:
     """The position of the newest event in the store (0 when empty)."""
     return app.recorder.max_notification_id() or 0
@@ -85,26 +79,6 @@ def _kind(topic: str) -> tuple[str, str, int]:
     return found
 
 
-def plain_record(notification: Notification, prev_position: int) -> EventRecord | None:
-    """The EventRecord of a stored event read straight from its JSON, without building the
-    domain event: the same record as ``record_of(mapper.to_domain_event(...))``, or None
-    when only that path can make it (an event stored at an older class version, which an
-    upcaster must bring up to date, or anything eventsourcing's JSON alone can decode).
-
-    eventsourcing's JSON transcoder stores a UUID as ``{"_type_": "uuid_hex", ...}`` and a
-    datetime as ``{"_type_": "datetime_iso", ...}``; an EventRecord's data holds them as
-    the strings ``jsonable`` makes of them, which is what this path makes too.
-    """
-    return plain_record_of(
-        notification.id,
-        notification.originator_id,
-        notification.originator_version,
-        notification.topic,
-        notification.state,
-        prev_position,
-    )
-
-
 def plain_record_of(
     position: int,
     originator_id: UUID | str,
@@ -113,7 +87,16 @@ def plain_record_of(
     stored: bytes,
     prev_position: int,
 ) -> EventRecord | None:
-    """:func:`plain_record` of a stored event's columns."""
+    """The EventRecord of a stored event (its columns) read straight from its JSON,
+    without building the domain event: the same record as
+    ``record_of(mapper.to_domain_event(...))``, or None when only that path can make it
+    (an event stored at an older class version, which an upcaster must bring up to date,
+    or anything eventsourcing's JSON alone can decode).
+
+    eventsourcing's JSON transcoder stores a UUID as ``{"_type_": "uuid_hex", ...}`` and a
+    datetime as ``{"_type_": "datetime_iso", ...}``; an EventRecord's data holds them as
+    the strings ``jsonable`` makes of them, which is what this path makes too.
+    """
     aggregate, kind, class_version = _kind(topic)
     if may_hold_big_ints(stored):
         return None  # orjson would read an integer beyond 64 bits as a float

@@ -36,6 +36,13 @@ COMMAND_TIMEOUT = 10.0
 """Seconds a command request waits for its reply."""
 
 
+def request_payload(body: dict[str, Any]) -> bytes:
+    """A command's request body, as sent over NATS and to a direct service alike (unset
+    fields left out; the standard library's JSON, so NaN reaches the service and is
+    refused there)."""
+    return json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+
+
 class Transport:
     """A NATS connection that sends commands to ``<prefix>.cmd.<name>``."""
 
@@ -52,7 +59,7 @@ class Transport:
 
     async def command(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         """Send one command; the reply body, or the refusal raised as an exception."""
-        payload = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+        payload = request_payload(body)
         try:
             msg = await request(
                 self.nc, self.names.command(name), payload, self.timeout, headers=outgoing_headers()
@@ -135,8 +142,7 @@ class DirectTransport(Transport):
         return cls(nc, settings.subject_prefix, shared)
 
     async def command(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        body = {k: v for k, v in body.items() if v is not None}
-        answer = self._shared.service.submit(name, body, outgoing_headers())
+        answer = self._shared.service.submit(name, request_payload(body), outgoing_headers())
         try:
             reply = await asyncio.wait_for(answer, self.timeout)
         except TimeoutError as e:

@@ -184,21 +184,20 @@ class CommandService:
             await _respond(msg, refusal)
 
     def submit(
-        self, name: str, body: dict[str, Any], headers: dict[str, str] | None = None
+        self, name: str, payload: bytes, headers: dict[str, str] | None = None
     ) -> asyncio.Future[dict[str, JSON]]:
         """Queue one command sent from this process (ADR 19); the future of its reply body.
 
-        The body is checked as a request's would be (the same size limit and validation)
-        and joins the same batches. It is queued before this returns, so commands sent one
-        after the other without waiting share a batch as they would over NATS. Its reply
-        is not sent over NATS, so an eager start of any size stays eager.
+        ``payload`` is the request body as the SDK encodes it for NATS; it is checked as a
+        request's is (the same size limit and validation) and joins the same batches. It
+        is queued before this returns, so commands sent one after the other without
+        waiting share a batch as they would over NATS. Its reply is not sent over NATS, so
+        an eager start of any size stays eager.
         """
         answer: asyncio.Future[dict[str, JSON]] = asyncio.get_running_loop().create_future()
         if self._stopped:
             answer.set_result(error_body("unavailable", "the command service has stopped"))
             return answer
-        # Encoded as the SDK encodes a request over NATS (NaN stays NaN, and is refused).
-        payload = json.dumps(body).encode()
         refusal = self._take(name, payload, answer, headers, self.max_bytes)
         if refusal is not None:
             answer.set_result(refusal)

@@ -6,19 +6,18 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
 
 import pytest
-from eventsourcing.persistence import OperationalError
+from eventsourcing.persistence import IntegrityError, OperationalError
 
 from domain.errors import InvalidCommandError
 from infrastructure.bootstrap import bootstrap
-from infrastructure.nats import relay
-from infrastructure.nats.command_service import STORE_DOWN_SECONDS, CommandService
-from infrastructure.nats.names import Names
+from infrastructure.nats import command_service, relay
+from infrastructure.nats.command_service import CommandService
 from infrastructure.settings import Settings
 from ledgerflow import Client, Flow, RunContext, Worker, _transport
 from ledgerflow.errors import CommandError
@@ -156,37 +155,58 @@ def test_direct_commands_need_postgresql() -> None:
         Settings(database_url="sqlite:///x.db", direct_commands=True)
 
 
+@asynccontextmanager
+async def watched_service(
+    settings: Settings, watch: Callable[[Sequence[Any]], None], inline_batch: int = 0
+) -> AsyncIterator[CommandService]:
+    """A direct command service whose store calls ``watch`` with each batch first (in
+    the thread that applies it); ``watch`` may raise as the store would."""
+    app = await asyncio.to_thread(bootstrap, settings)
+    execute = app.execute
+
+    def watched(commands: Sequence[Any]) -> Any:
+        watch(commands)
+        return execute(commands)
+
+    app.execute = watched  # type: ignore[method-assign]
+    service = CommandService.configured(app, settings, inline_batch=inline_batch)
+    await service.start(None)
+    try:
+        yield service
+    finally:
+        await service.stop()
+        await asyncio.to_thread(app.close)
+
+
+def send(service: CommandService, name: str, body: dict[str, Any]) -> Any:
+    """The reply's future, for a request encoded as the SDK encodes it."""
+    return service.submit(name, _transport.request_payload(body))
+
+
+def on_loop() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
 def test_commands_sent_in_one_turn_of_the_loop_share_a_batch(settings: Settings) -> None:
     """A step's completion is sent, and the workflow's next command follows from a task
     of its own in the same turn: the batch waits for that turn, not longer."""
+    batches: list[list[str]] = []
 
     async def scenario() -> None:
-        app = await asyncio.to_thread(bootstrap, settings)
-        batches: list[list[str]] = []
-        execute = app.execute
-
-        def counted(commands: Any) -> Any:
+        def names(commands: Sequence[Any]) -> None:
             batches.append([type(command).__name__ for command in commands])
-            return execute(commands)
 
-        app.execute = counted  # type: ignore[method-assign]
-        service = CommandService(app, Names(settings.subject_prefix))
-        await service.start(None)
-        try:
-            await service.submit("register_workflow", {"name": "three"})
+        async with watched_service(settings, names) as service:
+            await send(service, "register_workflow", {"name": "three"})
             batches.clear()
-            first = service.submit("start_run", {"workflow": "three", "key": "a"})
+            first = send(service, "start_run", {"workflow": "three", "key": "a"})
 
             async def then() -> Any:
-                return await service.submit("start_run", {"workflow": "three", "key": "b"})
+                return await send(service, "start_run", {"workflow": "three", "key": "b"})
 
-            second = asyncio.ensure_future(then())
-            replies = await asyncio.gather(first, second)
+            replies = await asyncio.gather(first, asyncio.ensure_future(then()))
             assert [reply["ok"] for reply in replies] == [True, True]
             assert batches == [["StartRun", "StartRun"]]
-        finally:
-            await service.stop()
-            await asyncio.to_thread(app.close)
 
     asyncio.run(scenario())
 
@@ -195,30 +215,19 @@ def test_a_small_batch_is_applied_on_the_event_loop_and_a_larger_one_in_a_thread
     settings: Settings,
 ) -> None:
     """Direct commands: a thread hop per small batch cost more than its commit."""
+    seen: list[tuple[int, bool]] = []
 
     async def scenario() -> None:
-        app = await asyncio.to_thread(bootstrap, settings)
-        threads: list[tuple[int, bool]] = []
-        execute = app.execute
+        def where(commands: Sequence[Any]) -> None:
+            seen.append((len(commands), on_loop()))
 
-        def where(commands: Any) -> Any:
-            threads.append((len(commands), threading.current_thread() is main))
-            return execute(commands)
-
-        main = threading.current_thread()
-        app.execute = where  # type: ignore[method-assign]
-        service = CommandService.configured(app, settings, inline_batch=2)
-        await service.start(None)
-        try:
-            await service.submit("register_workflow", {"name": "three"})
+        async with watched_service(settings, where, inline_batch=2) as service:
+            await send(service, "register_workflow", {"name": "three"})
             starts = [
-                service.submit("start_run", {"workflow": "three", "key": str(n)}) for n in range(3)
+                send(service, "start_run", {"workflow": "three", "key": str(n)}) for n in range(3)
             ]
             await asyncio.gather(*starts)
-            assert threads == [(1, True), (3, False)]
-        finally:
-            await service.stop()
-            await asyncio.to_thread(app.close)
+            assert seen == [(1, True), (3, False)]
 
     asyncio.run(scenario())
 
@@ -245,38 +254,26 @@ def test_nan_is_refused_as_over_nats_and_a_transport_closed_twice_gives_back_onc
 
 
 def test_after_a_store_failure_batches_go_to_a_thread_until_one_succeeds_there(
-    settings: Settings,
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch on the event loop would hold it for the store's retries while the store
     is down: after a failure, the next batches run in a thread until one succeeds."""
+    seen: list[bool] = []
+    monkeypatch.setattr(command_service, "STORE_DOWN_SECONDS", 0.0)  # no fail-fast window
 
     async def scenario() -> None:
-        app = await asyncio.to_thread(bootstrap, settings)
-        threads: list[bool] = []
-        execute, down = app.execute, [True]
-
-        def flaky(commands: Any) -> Any:
-            threads.append(threading.current_thread() is main)
-            if down[0]:
-                down[0] = False
+        def flaky(commands: Sequence[Any]) -> None:
+            seen.append(on_loop())
+            if len(seen) == 1:
                 raise OperationalError("the store went away")
-            return execute(commands)
 
-        main = threading.current_thread()
-        app.execute = flaky  # type: ignore[method-assign]
-        service = CommandService.configured(app, settings, inline_batch=2)
-        await service.start(None)
-        try:
-            refused = await service.submit("register_workflow", {"name": "three"})
+        async with watched_service(settings, flaky, inline_batch=2) as service:
+            refused = await send(service, "register_workflow", {"name": "three"})
             assert refused["error"]["code"] == "unavailable"
-            await asyncio.sleep(STORE_DOWN_SECONDS)
             for _ in range(2):
-                assert (await service.submit("register_workflow", {"name": "three"}))["ok"]
-            assert threads == [True, False, True]  # inline, thread (it worked), inline
-        finally:
-            await service.stop()
-            await asyncio.to_thread(app.close)
-        stopped = await service.submit("register_workflow", {"name": "three"})
+                assert (await send(service, "register_workflow", {"name": "three"}))["ok"]
+            assert seen == [True, False, True]  # inline, thread (it worked), inline
+        stopped = await send(service, "register_workflow", {"name": "three"})
         assert stopped["error"]["code"] == "unavailable"
 
     asyncio.run(scenario())
@@ -284,51 +281,59 @@ def test_after_a_store_failure_batches_go_to_a_thread_until_one_succeeds_there(
 
 def test_two_writers_with_their_own_caches_drive_one_run_in_turns(settings: Settings) -> None:
     """Two processes with direct commands, in effect (two services, two caches): each
-    decides on its cached run, and a stale one is caught by the save and decided again
-    on the store's state; no event is lost or doubled."""
+    decides on its cached run, a stale one is refused by the save's version check and
+    decided again on the store's state, and no event is lost or doubled."""
+    conflicts: list[str] = []
 
     async def scenario() -> None:
         first = await _transport.DirectTransport.open(settings, "first")
         other = settings.model_copy(update={"db_pool_size": 4})  # another service
         second = await _transport.DirectTransport.open(other, "second")
+        for transport in (first, second):
+            count_conflicts(transport._shared.service.app, conflicts)
         try:
             await first.command("register_workflow", {"name": "three"})
             run_id = (await first.command("start_run", {"workflow": "three"}))["run_id"]
-
-            def step(name: str, kind: str) -> dict[str, Any]:
-                body: dict[str, Any] = {"run_id": run_id, "step": name, "attempt": 1}
-                return {**body, "output": name} if kind == "complete_step" else body
-
             for name, starter, completer in [
                 ("charge", first, second),
                 ("reserve", first, second),
                 ("ship", second, first),
             ]:
-                await starter.command("start_step", step(name, "start_step"))
-                await completer.command("complete_step", step(name, "complete_step"))
-            # Both at once, each on a cached run the other has moved on: a trusted batch
-            # refused by the save, then decided again.
-            replies = await asyncio.gather(
-                first.command("load_run", {"run_id": run_id}),
-                second.command(
-                    "complete_run",
-                    {"run_id": run_id, "output": 3, "after_steps": ["charge", "reserve", "ship"]},
-                ),
-            )
-            assert replies[1]["ok"]
+                body = {"run_id": run_id, "step": name, "attempt": 1}
+                await starter.command("start_step", body)
+                await completer.command("complete_step", {**body, "output": name})
+            end = {"run_id": run_id, "output": 3, "after_steps": ["charge", "reserve", "ship"]}
+            assert (await second.command("complete_run", end))["ok"]
             run = (await first.command("load_run", {"run_id": run_id}))["run"]
-            assert run["status"] == "completed"
-            assert {n: s["output"] for n, s in run["steps"].items()} == {
-                "charge": "charge",
-                "reserve": "reserve",
-                "ship": "ship",
-            }
         finally:
             await first.close()
             await second.close()
+        assert run["status"] == "completed"
+        assert {n: s["output"] for n, s in run["steps"].items()} == {
+            "charge": "charge",
+            "reserve": "reserve",
+            "ship": "ship",
+        }
+        assert conflicts, "no decision was made on a stale cached run"
         kinds_ = await asyncio.to_thread(history, settings, run_id)
-        assert kinds_.count("StepStarted") == 3
-        assert kinds_.count("StepCompleted") == 3
-        assert kinds_.count("RunCompleted") == 1
+        assert [kinds_.count(k) for k in ("StepStarted", "StepCompleted", "RunCompleted")] == [
+            3,
+            3,
+            1,
+        ]
 
     asyncio.run(scenario())
+
+
+def count_conflicts(app: Any, conflicts: list[str]) -> None:
+    """Record each save the store refused for a version another writer took."""
+    insert = app.recorder.insert_events
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return insert(*args, **kwargs)
+        except IntegrityError:
+            conflicts.append("conflict")
+            raise
+
+    app.recorder.insert_events = counted

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from domain.workflow_run import WorkflowRun
 from infrastructure.bootstrap import bootstrap
 from infrastructure.codec import may_hold_big_ints
-from infrastructure.event_log import plain_record
+from infrastructure.event_log import plain_record_of
 from infrastructure.settings import Settings
 from infrastructure.telemetry.stamping import stamping
 from projections.records import record_of
@@ -56,7 +56,9 @@ def both(event: Any, traceparent: str | None) -> tuple[Any, Any]:
         topic=stored.topic,
         state=stored.state,
     )
-    ours = plain_record(notification, 40)
+    ours = plain_record_of(
+        41, stored.originator_id, stored.originator_version, stored.topic, stored.state, 40
+    )
     if ours is None:
         assert may_hold_big_ints(stored.state) or _unplain(event.output)
     try:
@@ -110,10 +112,7 @@ def test_an_event_stored_at_an_older_class_version_goes_through_its_upcaster() -
     stored = APP.mapper.to_stored_event(event)
     old = stored.state.replace(b'"class_version":2', b'"class_version":1')
     assert old != stored.state
-    notification = Notification(
-        id=7, originator_id=event.originator_id, originator_version=2, topic=stored.topic, state=old
-    )
-    assert plain_record(notification, 6) is None
+    assert plain_record_of(7, event.originator_id, 2, stored.topic, old, 6) is None
 
 
 def _unplain(value: Any) -> bool:
