@@ -78,11 +78,16 @@ class Client:
         worker = self._worker
         if worker is None or not worker.reserve_eager(name):
             return str((await self.command("start_run", body))["run_id"])
+        started: dict[str, Any] | None = None
         try:
-            reply = await self.command("start_run", {**body, "eager": True})
+            eager: dict[str, Any] = {**body, "eager": True}
+            started = worker.first_step(name, body["input"], key)
+            if started is not None:  # recorded with the run: one write less (ADR 20)
+                eager["first_step"] = started
+            reply = await self.command("start_run", eager)
         except InvalidCommandError:
-            # A command service older than ADR 17 knows no eager start (or the start is
-            # invalid anyway, and is refused again as such).
+            # A command service older than ADR 17 (or 20) knows no eager start (or the
+            # start is invalid anyway, and is refused again as such).
             worker.release_eager()
             return str((await self.command("start_run", body))["run_id"])
         except BaseException:
@@ -92,9 +97,10 @@ class Client:
         if run is None:  # a keyed run that exists already, or a limited workflow
             worker.release_eager()
         else:
-            eager = worker.run_eager(run, int(reply["position"]))
-            self._eager[run_id] = eager
-            eager.add_done_callback(lambda done: self._kept(run_id, done))
+            step = None if started is None else str(started["step"])
+            held = worker.run_eager(run, int(reply["position"]), step)
+            self._eager[run_id] = held
+            held.add_done_callback(lambda done: self._kept(run_id, done))
         return run_id
 
     def _kept(self, run_id: str, done: asyncio.Task[EagerRun]) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import logging
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar, overload
@@ -14,8 +16,8 @@ from typing import Any, Protocol, TypeVar, overload
 import pydantic_core
 from pydantic import BaseModel, TypeAdapter
 
-from domain.errors import InvalidStateError
-from domain.values import RetryPolicy
+from domain.errors import InvalidCommandError, InvalidStateError
+from domain.values import RetryPolicy, check_step_name
 from ledgerflow._telemetry import step_attempt
 from ledgerflow.errors import (
     ChildFailedError,
@@ -26,6 +28,7 @@ from ledgerflow.errors import (
 )
 from ledgerflow.flow import type_hints, workflow_name
 
+log = logging.getLogger("ledgerflow.worker")
 T = TypeVar("T")
 MAX_ERROR_MESSAGE = 10_000
 MAX_TRACEBACK = 20_000
@@ -210,7 +213,10 @@ class RunContext:
         stopping: Callable[[], bool] = lambda: False,
         reason: str = "",
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        started: str | None = None,
     ) -> None:
+        """``started`` names the step whose first attempt the run's eager start recorded
+        for this replay to run (ADR 20)."""
         self.snapshot = snapshot
         self.run_id: str = snapshot["run_id"]
         self.workflow: str = snapshot["workflow"]
@@ -227,6 +233,7 @@ class RunContext:
         self._completing: list[asyncio.Future[dict[str, Any]]] = []
         self.completed_steps: list[str] = []
         """Every step whose completion this replay sent, in order (ADR 16's guard)."""
+        self._started = started
 
     def idempotency_key(self, step: str) -> str:
         """A step's stable key, the same on every attempt: pass it to external services."""
@@ -306,10 +313,12 @@ class RunContext:
         if status == "retrying" and not self._retry_due(name):
             raise Suspended(f"step {name!r} waits for its retry")
         self._check_may_start()
-        attempt = (state["attempts"] if state else 0) + 1
+        started = self._started_by_start(name, state)
+        attempt = (state["attempts"] if state else 0) + (0 if started else 1)
         limit = step_timeout(timeout, self.snapshot)
         with step_attempt(self.run_id, self.workflow, name, attempt) as observed:
-            await self._start_step(name, attempt, retry, status)
+            if not started:
+                await self._start_step(name, attempt, retry, status)
             observed.begin()
             try:
                 value = await _attempt(name, fn, args, limit)
@@ -325,6 +334,24 @@ class RunContext:
         if compensate is not None:
             self.compensations[name] = Compensation(name, compensate, value)
         return value
+
+    def _started_by_start(self, name: str, state: dict[str, Any] | None) -> bool:
+        """Whether this is the step the run's eager start began (ADR 20): its first
+        attempt is recorded and is this replay's to run. Asked once, by the first step
+        the workflow runs that is not completed."""
+        started, self._started = self._started, None
+        if started is None:
+            return False
+        if name != started:
+            log.warning(
+                "run %s: its start began step %r but the workflow ran %r first: is it "
+                "deterministic?",
+                self.run_id,
+                started,
+                name,
+            )
+            return False
+        return state is not None and state["status"] == "running" and state["attempts"] == 1
 
     async def _start_step(
         self, name: str, attempt: int, retry: RetryPolicy | None, status: str
@@ -540,6 +567,81 @@ class RunContext:
                 # and the replay finds the command applied or sends it again.
                 raise HandedBack(f"{command} got no answer: {e}") from e
             raise
+
+
+class _Reached(Interrupt):
+    """The probe reached an operation of the workflow: it goes no further."""
+
+
+async def _nothing_sent(name: str, body: dict[str, Any]) -> dict[str, Any]:
+    raise _Reached("nothing is sent")
+
+
+class _Probe(RunContext):
+    """A new run's replay that records nothing and stops at its first operation."""
+
+    reached = False
+    found: dict[str, Any] | None = None
+    """The first operation, when it is a step that ``start_run`` can begin."""
+
+    def _reach(self, found: dict[str, Any] | None = None) -> _Reached:
+        if not self.reached:  # the first one only (a ``finally`` may try others)
+            self.reached, self.found = True, found
+        return _Reached("the workflow's first operation")
+
+    async def _step(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        retry: RetryPolicy | None,
+        compensate: Callable[[Any], Any] | None,
+        timeout: timedelta | None = None,
+    ) -> Any:
+        try:
+            check_step_name("step", name)
+        except InvalidCommandError:
+            raise self._reach() from None  # refused where it always was, by start_step
+        if self.run_id in name:  # a name made of the run's id, which is not known yet
+            raise self._reach()
+        found: dict[str, Any] = {"step": name}
+        if retry is not None:
+            found["retry_policy"] = retry.to_json()
+        raise self._reach(found)
+
+    async def _command(self, command: str, /, **body: Any) -> dict[str, Any]:
+        raise self._reach()
+
+
+def first_step(
+    call: Callable[[RunContext], Coroutine[Any, Any, Any]], snapshot: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The step a new run's workflow begins with (``start_run``'s ``first_step``, ADR 20),
+    found by running ``call`` (the workflow function) up to its first operation, with
+    nothing recorded. ``snapshot`` is the new run's, under a provisional ``run_id``.
+
+    None when the workflow begins with anything else (a sleep, a wait, a child...), ends
+    or fails first, awaits anything but the context first (the probe runs its code only
+    as far as it goes without the event loop), or names the step after its run's id.
+    Tasks the workflow created meanwhile are cancelled before they ever run.
+    """
+    probe = _Probe(snapshot, _nothing_sent)
+    before = asyncio.all_tasks()
+    try:
+        coro = call(probe)
+        try:
+            coro.send(None)
+        except (Exception, Interrupt):
+            pass  # it reached an operation (or ended or failed before any)
+        else:
+            with contextlib.suppress(Exception, Interrupt):
+                coro.close()  # it awaited something else: the replay does it for real
+    except Exception:
+        return None  # its input does not validate: the replay fails the run as ever
+    finally:
+        for task in asyncio.all_tasks() - before:
+            task.cancel()
+    return probe.found
 
 
 def _transient(error: BaseException) -> bool:

@@ -11,9 +11,10 @@ import socket
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 from domain.errors import InvalidCommandError, InvalidStateError, StepsPendingError
+from domain.values import RetryPolicy, Timeouts
 from domain.workflow_run import EAGER, EAGER_EXPIRED
 from infrastructure.nats.names import traceparent
 from infrastructure.settings import Settings
@@ -30,6 +31,7 @@ from ledgerflow.context import (
     decode_input,
     encode,
     error_of,
+    first_step,
 )
 from ledgerflow.errors import CommandError
 from ledgerflow.flow import Flow, Workflow
@@ -247,10 +249,28 @@ class Worker:
         self._free_slot()
         self._start_answered()
 
-    def run_eager(self, run: dict[str, Any], cause: int) -> asyncio.Task[EagerRun]:
+    def first_step(
+        self, workflow: str, input: Any, key: str | None = None
+    ) -> dict[str, Any] | None:
+        """The step a new run of ``workflow`` would begin with, for the eager start to
+        record with the run (``start_run``'s ``first_step``, ADR 20); None when it
+        begins with anything else, or is not started eagerly anyway (a limited
+        workflow). ``input`` is the run's, encoded as the start sends it.
+        """
+        found = self.flow.get(workflow)
+        if found is None or (found.concurrency is not None and found.concurrency.limit):
+            return None
+        wf = found
+        snapshot = _fresh_snapshot(wf, input, key)
+        return first_step(lambda ctx: self._call(wf, ctx, snapshot), snapshot)
+
+    def run_eager(
+        self, run: dict[str, Any], cause: int, started: str | None = None
+    ) -> asyncio.Task[EagerRun]:
         """Run an eager start on the slot :meth:`reserve_eager` took: ``run`` is the
-        snapshot in the start's reply, ``cause`` the reply's position (its hand-off)."""
-        job = asyncio.create_task(self._eager(run, cause), name=f"eager-{run['run_id']}")
+        snapshot in the start's reply, ``cause`` the reply's position (its hand-off),
+        ``started`` the ``first_step`` the start was asked to record (ADR 20)."""
+        job = asyncio.create_task(self._eager(run, cause, started), name=f"eager-{run['run_id']}")
         self._in_hand.add(job)
         job.add_done_callback(self._in_hand.discard)
         job.add_done_callback(lambda _: self._free_slot())  # even if cancelled unstarted
@@ -266,7 +286,7 @@ class Worker:
         if not self._reserved:
             self._answered.set()
 
-    async def _eager(self, run: dict[str, Any], cause: int) -> EagerRun:
+    async def _eager(self, run: dict[str, Any], cause: int, started: str | None) -> EagerRun:
         """Hold the run (the scheduler asks before it takes it away) and replay it. A run
         given back goes to its queue at once; if even that is not heard, the scheduler
         sends it there when the lease runs out."""
@@ -278,7 +298,7 @@ class Worker:
         with scope:
             try:
                 async with self._transport.hold(run_id):
-                    outcome = await self._replay(run, dispatch, EAGER, ended)
+                    outcome = await self._replay(run, dispatch, EAGER, ended, started)
             except Exception:
                 log.exception("run %s: the eager run failed; it goes to its queue", run_id)
                 outcome = Outcome.NAK
@@ -313,10 +333,16 @@ class Worker:
         return await self._replay(run, task.dispatch, task.reason)
 
     async def _replay(
-        self, run: dict[str, Any], dispatch: int, reason: str, ended: EagerRun | None = None
+        self,
+        run: dict[str, Any],
+        dispatch: int,
+        reason: str,
+        ended: EagerRun | None = None,
+        started: str | None = None,
     ) -> Outcome:
         """Replay ``run`` under hand-off ``dispatch``: ACK when this hand-off is done with,
-        NAK to give it back. ``ended`` learns the output of a run this replay completes."""
+        NAK to give it back. ``ended`` learns the output of a run this replay completes;
+        ``started`` names the step its eager start began (ADR 20)."""
         run_id = run["run_id"]
         workflow = self.flow.get(run["workflow"])
         if workflow is None:
@@ -325,7 +351,14 @@ class Worker:
         if run["status"] == "compensating":
             return await self._compensate(workflow, run)
         log.info("run %s (%s): replaying (%s)", run_id, workflow.name, reason)
-        ctx = RunContext(run, self._send, dispatch, stopping=lambda: self.stopping, reason=reason)
+        ctx = RunContext(
+            run,
+            self._send,
+            dispatch,
+            stopping=lambda: self.stopping,
+            reason=reason,
+            started=started,
+        )
         ending: EarlyEnd | None = None
         try:
             try:
@@ -442,6 +475,33 @@ class Worker:
     async def _send(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         assert self._transport is not None
         return await self._transport.command(name, body)
+
+
+def _fresh_snapshot(workflow: Workflow, input: Any, key: str | None) -> dict[str, Any]:
+    """A new run's snapshot as ``load_run`` would give it, under a provisional id: what
+    the workflow's code may observe before its first operation (ADR 20)."""
+    registered = workflow.registration()
+    return {
+        "run_id": str(uuid4()),
+        "workflow": workflow.name,
+        "key": key,
+        "input": input,
+        "status": "queued",
+        "version": 2,
+        "dispatch": 1,
+        "retry_policy": registered.get("retry_policy") or RetryPolicy().to_json(),
+        "timeouts": registered.get("timeouts") or Timeouts().to_json(),
+        "parent_run_id": None,
+        "cancel_requested": False,
+        "error": None,
+        "output": None,
+        "steps": {},
+        "sleeps": {},
+        "waits": {},
+        "children": {},
+        "sent_events": {},
+        "compensations_pending": [],
+    }
 
 
 def _learn(ended: EagerRun | None, reply: dict[str, Any], body: dict[str, Any]) -> None:

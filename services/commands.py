@@ -32,6 +32,15 @@ class RunCommand(Command):
 
 
 # ---------------------------------------------------------------- client-facing commands
+class FirstStep(BaseModel):
+    """The step an eager run's workflow begins with, as the starter's worker found it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step: str = Field(min_length=1, max_length=200)
+    retry_policy: RetryPolicy | None = None
+
+
 class StartRun(Command):
     workflow: str = Field(min_length=1, max_length=200)
     input: JSONValue = None
@@ -40,6 +49,16 @@ class StartRun(Command):
     """The starter's own worker runs the new run at once (ADR 17): the reply carries its
     snapshot, and no task is queued unless that worker lets it go. Ignored for a run
     that exists already (a keyed start) and for a workflow with a concurrency limit."""
+    first_step: FirstStep | None = None
+    """With ``eager``: the start also records the first attempt of this step, as
+    ``start_step`` would under the eager hand-off (ADR 20), so the starter's worker runs
+    it at once. Ignored whenever ``eager`` is (the run is not handed out)."""
+
+    @model_validator(mode="after")
+    def _first_step_is_eager(self) -> StartRun:
+        if self.first_step is not None and not self.eager:
+            raise ValueError("first_step needs eager: only the starter's worker may run it")
+        return self
 
 
 class SendEvent(Command):

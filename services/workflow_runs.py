@@ -520,9 +520,13 @@ def _start_run(app: WorkflowRuns, uow: UnitOfWork, cmd: c.StartRun) -> Reply:
     if cmd.key is not None and uow.exists(run_id):
         return RunStartedReply(run_id=run_id, created=False)
     run = workflow.new_run(run_id, cmd.input, key=cmd.key, eager=cmd.eager)
-    uow.add(run)
     if not run.held_eagerly:
+        uow.add(run)
         return RunStartedReply(run_id=run_id, created=True)
+    if cmd.first_step is not None:  # before it is added: a refused step starts nothing
+        first = cmd.first_step
+        run.start_step(first.step, 1, first.retry_policy, dispatch=run.dispatches)
+    uow.add(run)
     return RunStartedReply(run_id=run_id, created=True, run=snapshot_of(run))
 
 

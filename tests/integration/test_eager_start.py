@@ -83,6 +83,8 @@ async def starter(stack: Stack, settings: Settings) -> AsyncIterator[Starter]:
         await waiting.until(_ready(worker, serving), "the starter's worker", DEADLINE)
         yield Starter(client, worker, stop)
     finally:
+        for gate in GATE.values():  # a failed scenario must not leave a step waiting
+            gate.set()
         stop.set()
         await serving
         await client.close()
@@ -115,6 +117,14 @@ def test_an_eager_run_completes_in_its_starters_worker_with_no_task_queued(
             history = await stack.history(run_id)
             assert reasons(history) == ["eager"]
             assert kinds(history)[-1] == "RunCompleted"
+            # The start recorded the first step with the run, in one command (ADR 20).
+            assert kinds(history, dispatches=True)[:4] == [
+                "RunStarted",
+                "TaskDispatched",
+                "StepStarted",
+                "StepCompleted",
+            ]
+            assert [e.attempt for e in history if type(e).__name__ == "StepStarted"] == [1, 1, 1]
             assert STEPS == ["charge:eager", "reserve:eager", "ship:eager"]
             # Another client hears of the end as of any run's.
             assert await stack.client.result(run_id, timeout=DEADLINE) == output
@@ -187,6 +197,58 @@ def test_a_held_eager_run_keeps_its_lease_and_a_stopping_worker_hands_it_to_the_
         assert STEPS == ["charge:eager", "reserve:eager", "ship:queue"]
 
     on_a_stack(settings, scenario)
+
+
+def test_a_cancel_just_after_an_eager_start_waits_for_the_step_the_start_began(
+    settings: Settings,
+) -> None:
+    async def scenario(stack: Stack) -> None:
+        async with starter(stack, settings) as started:
+            GATE["charge"] = asyncio.Event()
+            run_id = await started.client.start("three", {"order": "o-4"})
+            await stack.client.cancel(run_id, "changed my mind")
+            # The step was recorded as running by the start itself: the cancel waits.
+            run = await stack.client.get(run_id)
+            assert (run["status"], run["cancel_requested"]) == ("running", True)
+            await waiting.until(reached("charge:eager"), "the first step", DEADLINE)
+            GATE["charge"].set()
+            await waiting.until(ended(stack, run_id), "the run's end", DEADLINE)
+        run = await stack.client.get(run_id)
+        assert run["status"] == "cancelled"
+        assert run["steps"]["charge"]["status"] == "completed"
+        assert STEPS == ["charge:eager"]
+
+    on_a_stack(settings, scenario)
+
+
+def test_an_eager_holder_gone_in_the_step_its_start_began_hands_it_to_the_queue(
+    settings: Settings,
+) -> None:
+    async def scenario(stack: Stack) -> None:
+        async with starter(stack, settings) as started:
+            GATE["charge"] = asyncio.Event()
+            run_id = await started.client.start("three", {"order": "o-5"})
+            await waiting.until(reached("charge:eager"), "the first step", DEADLINE)
+            [eager] = [t for t in asyncio.all_tasks() if t.get_name() == f"eager-{run_id}"]
+            eager.cancel()
+            await asyncio.wait({eager})
+        GATE["charge"].set()
+        await run_out(stack, settings, run_id)
+        output = await stack.client.result(run_id, timeout=DEADLINE)
+        assert output == {"order": "o-5", "done": ["charge", "reserve", "ship"]}
+        history = await stack.history(run_id)
+        charges = [e.attempt for e in history if getattr(e, "step", None) == "charge"]
+        assert charges == [1, 2, 2]  # started by the start, then by the queue's worker
+        assert STEPS == ["charge:eager", "charge:queue", "reserve:queue", "ship:queue"]
+
+    on_a_stack(settings, scenario)
+
+
+def ended(stack: Stack, run_id: str) -> Any:
+    async def check() -> bool:
+        return (await stack.client.get(run_id))["status"] in ("completed", "failed", "cancelled")
+
+    return check
 
 
 def on_a_stack(settings: Settings, scenario: Callable[[Stack], Awaitable[None]]) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from domain.errors import InvalidCommandError, RunNotActiveError, SupersededError
 from domain.ids import run_id_for
-from domain.values import Concurrency
+from domain.values import Concurrency, RetryPolicy
 from domain.workflow_run import WorkflowRun
 from services import commands as c
 from services.workflow_runs import RunCompletedReply, RunLoaded, RunStartedReply
@@ -190,6 +193,48 @@ def test_a_command_id_repeated_in_the_same_batch_never_hands_the_run_out_twice()
     assert isinstance(first, RunStartedReply) and isinstance(repeat, RunStartedReply)
     assert first.run is not None and repeat.run is None
     assert (repeat.run_id, repeat.position) == (first.run_id, first.position)
+
+
+# ---------------------------------------------------- an eager start's first step (ADR 20)
+def test_an_eager_start_records_its_first_step_under_the_eager_hand_off() -> None:
+    s = Scenario().given(c.RegisterWorkflow(name="orders", queue="payments"))
+    retry = RetryPolicy(max_attempts=2)
+    first = c.FirstStep(step="charge", retry_policy=retry)
+    s.when(c.StartRun(workflow="orders", key="o-1", input={"n": 1}, eager=True, first_step=first))
+    s.then_events(["RunStarted", "TaskDispatched", "StepStarted"])
+    started = s.event(WorkflowRun.StepStarted)
+    assert (started.step, started.attempt) == ("charge", 1)
+    assert isinstance(s.reply, RunStartedReply) and s.reply.run is not None
+    assert s.reply.run["status"] == "running"
+    step = s.reply.run["steps"]["charge"]
+    assert (step["status"], step["attempts"]) == ("running", 1)
+    assert s.reply.position == s.head()  # the reply's hand-off position covers the step
+    # The worker runs that attempt: a start of it repeated changes nothing.
+    s.when(c.StartStep(run_id=RUN, step="charge", attempt=1, dispatch=1)).then_events([])
+    s.when(c.CompleteStep(run_id=RUN, step="charge", attempt=1, output=1))
+    s.then_events(["StepCompleted"])
+    assert started.retry_policy == retry.to_json()
+
+
+def test_a_first_step_is_ignored_where_the_start_is_not_eager_after_all() -> None:
+    first = c.FirstStep(step="charge")
+    s = eagerly_started()
+    s.when(c.StartRun(workflow="orders", key="o-1", eager=True, first_step=first))
+    s.then_events([])
+    limited = Scenario().given(c.RegisterWorkflow(name="orders", concurrency=Concurrency(limit=1)))
+    limited.when(c.StartRun(workflow="orders", key="o-1", eager=True, first_step=first))
+    limited.then_events(["RunStarted"])
+
+
+def test_a_first_step_without_eager_or_with_a_bad_name_is_refused_and_starts_nothing() -> None:
+    with pytest.raises(ValidationError, match="first_step needs eager"):
+        c.StartRun(workflow="orders", first_step=c.FirstStep(step="charge"))
+    s = Scenario().given(c.RegisterWorkflow(name="orders"))
+    bad = c.FirstStep(step="charge\x00")
+    s.when(c.StartRun(workflow="orders", key="o-1", eager=True, first_step=bad))
+    s.then_error(InvalidCommandError)
+    s.when(c.StartRun(workflow="orders", key="o-1", eager=True))  # nothing was left behind
+    s.then_events(["RunStarted", "TaskDispatched"])
 
 
 def test_a_runs_end_says_whether_it_completed_the_run() -> None:

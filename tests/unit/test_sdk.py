@@ -896,6 +896,7 @@ def test_a_service_older_than_adr_17_gets_a_plain_start_and_the_slot_is_given_ba
 
     assert asyncio.run(scenario()) == RUN_ID
     assert [body.get("eager") for _, body in commands.sent] == [True, None]
+    assert commands.sent[0][1]["first_step"] == {"step": "a"}  # refused with it (ADR 20)
     assert worker.reserve_eager("wf")
 
 
@@ -986,3 +987,173 @@ def test_tasks_fetched_beyond_the_slots_eager_runs_took_meanwhile_go_back_at_onc
 
     asyncio.run(scenario())
     assert naks == ["r2"]
+
+
+# ------------------------------------------------------- an eager start's first step (ADR 20)
+PROBED = Flow("probed")
+RAN: list[str] = []
+"""Step functions the probe must never run: every one that ran, by name."""
+
+
+def ran(name: str) -> str:
+    RAN.append(name)
+    return name
+
+
+@PROBED.workflow()
+async def keyed_step(ctx: RunContext, data: dict[str, Any]) -> str:
+    retry = RetryPolicy(max_attempts=3)
+    return await ctx.step(f"charge {data['n']}", ran, ctx.idempotency_key("charge"), retry=retry)
+
+
+@PROBED.workflow()
+async def sleeps_first(ctx: RunContext) -> None:
+    await ctx.sleep("nap", timedelta(seconds=1))
+    await ctx.step("a", ran, "a")
+
+
+@PROBED.workflow()
+async def gathers(ctx: RunContext) -> None:
+    await asyncio.gather(ctx.step("a", ran, "a"), ctx.step("b", ran, "b"))
+
+
+@PROBED.workflow()
+async def named_by_run(ctx: RunContext) -> None:
+    await ctx.step(f"charge {ctx.run_id}", ran, "a")
+
+
+@PROBED.workflow()
+async def cleans_up(ctx: RunContext) -> None:
+    try:
+        await ctx.step("a", ran, "a")
+    finally:
+        await ctx.step("release", ran, "release")
+
+
+@PROBED.workflow()
+async def awaits_first(ctx: RunContext) -> None:
+    await asyncio.sleep(0)
+    await ctx.step("a", ran, "a")
+
+
+@PROBED.workflow()
+async def spawns(ctx: RunContext) -> None:
+    side = asyncio.create_task(ctx.step("side", ran, "side"))
+    await ctx.step("a", ran, "a")
+    await side
+
+
+@PROBED.workflow()
+async def ends_at_once(ctx: RunContext) -> int:
+    return 1
+
+
+class Order(BaseModel):
+    n: int
+
+
+@PROBED.workflow()
+async def typed(ctx: RunContext, order: Order) -> None:
+    await ctx.step("a", ran, "a")
+
+
+def _probe(workflow: str, input: Any = None) -> dict[str, Any] | None:
+    from infrastructure.settings import Settings
+    from ledgerflow.worker import Worker
+
+    worker = Worker(PROBED, Settings(), 1, transport=cast(Transport, _Sending(FakeCommands())))
+
+    async def probe() -> dict[str, Any] | None:
+        found = worker.first_step(workflow, input)
+        for _ in range(3):
+            await asyncio.sleep(0)  # any task the probe left would run now
+        return found
+
+    RAN.clear()
+    found = asyncio.run(probe())
+    assert RAN == []
+    return found
+
+
+def test_the_probe_finds_the_step_a_workflow_begins_with_running_nothing() -> None:
+    assert _probe("keyed_step", {"n": 7}) == {
+        "step": "charge 7",
+        "retry_policy": RetryPolicy(max_attempts=3).to_json(),
+    }
+    assert _probe("cleans_up") == {"step": "a"}  # the first, not its finally's
+    assert _probe("spawns") == {"step": "a"}  # the task it made never runs
+    assert _probe("typed", {"n": 1}) == {"step": "a"}
+
+
+@pytest.mark.parametrize(
+    ("workflow", "input"),
+    [
+        ("sleeps_first", None),
+        ("gathers", None),  # its steps run in tasks, which the probe does not run
+        ("named_by_run", None),  # the run's id is not known before its start
+        ("awaits_first", None),
+        ("ends_at_once", None),
+        ("typed", {"n": "not a number"}),
+        ("unknown", None),
+    ],
+)
+def test_the_probe_finds_no_first_step_unless_a_step_comes_first_for_sure(
+    workflow: str, input: Any
+) -> None:
+    assert _probe(workflow, input) is None
+
+
+class FirstStepCommands(EagerCommands):
+    """An eager start records the ``first_step`` it is asked to, as the service does."""
+
+    async def __call__(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        reply = await super().__call__(name, body)
+        first = body.get("first_step") if name == "start_run" else None
+        if first is not None:
+            reply["run"]["steps"] = {first["step"]: step_state("running")}
+        return reply
+
+
+def test_an_eager_run_runs_the_step_its_start_began_without_starting_it_again() -> None:
+    from ledgerflow import Client
+
+    commands = FirstStepCommands()
+    worker = _eager_worker(commands)
+
+    async def scenario() -> Any:
+        client = Client(cast(Transport, _Sending(commands)), worker=worker)
+        return await client.result(await client.start("wf"), timeout=5)
+
+    assert asyncio.run(scenario()) == "done"
+    assert commands.names == ["start_run", "complete_step", "complete_run"]
+    assert commands.sent[0][1]["first_step"] == {"step": "a"}
+    assert commands.sent[1][1]["attempt"] == 1
+
+
+def test_a_replay_meeting_another_step_first_starts_it_as_ever() -> None:
+    """A workflow that is not deterministic: the step its start began is left running."""
+
+    async def work(ctx: RunContext) -> str:
+        return await ctx.step("b", lambda: "b")
+
+    fake = FakeCommands()
+    run = snapshot(steps={"a": step_state("running")})
+    ctx = context(run, fake, started="a")
+    assert asyncio.run(work(ctx)) == "b"
+    assert fake.names == ["start_step", "complete_step"]
+    assert fake.sent[0][1]["step"] == "b"
+
+
+def test_a_step_its_start_began_runs_only_as_that_first_attempt() -> None:
+    """``started`` names a step no longer at its first attempt: it is started anew."""
+
+    async def work(ctx: RunContext) -> str:
+        return await ctx.step("a", lambda: "a")
+
+    fake = FakeCommands()
+    ctx = context(snapshot(steps={"a": step_state("running", attempts=2)}), fake, started="a")
+    assert asyncio.run(work(ctx)) == "a"
+    assert [(n, b.get("attempt")) for n, b in fake.sent] == [
+        ("start_step", 3),
+        ("complete_step", 3),
+    ]
