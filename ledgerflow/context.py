@@ -626,7 +626,18 @@ def first_step(
     Tasks the workflow created meanwhile are cancelled before they ever run.
     """
     probe = _Probe(snapshot, _nothing_sent)
-    before = asyncio.all_tasks()
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+    made: list[asyncio.Future[Any]] = []
+
+    def making(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> Any:
+        task = (
+            factory(loop, coro, **options) if factory else asyncio.Task(coro, loop=loop, **options)
+        )
+        made.append(task)
+        return task
+
+    loop.set_task_factory(making)  # nothing else runs until it is put back
     try:
         coro = call(probe)
         try:
@@ -639,7 +650,8 @@ def first_step(
     except Exception:
         return None  # its input does not validate: the replay fails the run as ever
     finally:
-        for task in asyncio.all_tasks() - before:
+        loop.set_task_factory(factory)
+        for task in made:
             task.cancel()
     return probe.found
 

@@ -97,6 +97,7 @@ class Worker:
         self._reserved = 0  # eager slots taken whose start has not been answered yet
         self._answered = asyncio.Event()  # set while _reserved is 0
         self._answered.set()
+        self._defined: dict[str, dict[str, Any]] = {}  # per workflow, for first_step
         self.ready = asyncio.Event()
         """Set once the workflows are registered and the queues are being pulled."""
 
@@ -261,7 +262,10 @@ class Worker:
         if found is None or (found.concurrency is not None and found.concurrency.limit):
             return None
         wf = found
-        snapshot = _fresh_snapshot(wf, input, key)
+        defined = self._defined.get(workflow)
+        if defined is None:
+            defined = self._defined[workflow] = _defined(wf)
+        snapshot = _fresh_snapshot(defined, input, key)
         return first_step(lambda ctx: self._call(wf, ctx, snapshot), snapshot)
 
     def run_eager(
@@ -477,15 +481,29 @@ class Worker:
         return await self._transport.command(name, body)
 
 
-def _fresh_snapshot(workflow: Workflow, input: Any, key: str | None) -> dict[str, Any]:
+def _fresh_snapshot(defined: dict[str, Any], input: Any, key: str | None) -> dict[str, Any]:
     """A new run's snapshot as ``load_run`` would give it, under a provisional id: what
-    the workflow's code may observe before its first operation (ADR 20)."""
-    registered = workflow.registration()
+    the workflow's code may observe before its first operation (ADR 20). ``defined`` is
+    what its workflow's definition sets (:func:`_defined`)."""
     return {
+        **defined,
         "run_id": str(uuid4()),
-        "workflow": workflow.name,
         "key": key,
         "input": input,
+        "steps": {},
+        "sleeps": {},
+        "waits": {},
+        "children": {},
+        "sent_events": {},
+        "compensations_pending": [],
+    }
+
+
+def _defined(workflow: Workflow) -> dict[str, Any]:
+    """The parts of a new run's snapshot that its workflow's definition sets."""
+    registered = workflow.registration()
+    return {
+        "workflow": workflow.name,
         "status": "queued",
         "version": 2,
         "dispatch": 1,
@@ -495,12 +513,6 @@ def _fresh_snapshot(workflow: Workflow, input: Any, key: str | None) -> dict[str
         "cancel_requested": False,
         "error": None,
         "output": None,
-        "steps": {},
-        "sleeps": {},
-        "waits": {},
-        "children": {},
-        "sent_events": {},
-        "compensations_pending": [],
     }
 
 
