@@ -41,6 +41,7 @@ class Client:
         self._transport = transport
         self._worker = worker
         self._eager: dict[str, asyncio.Task[EagerRun]] = {}
+        self._first_steps = True  # until a service refuses them (older than ADR 20)
         self._outputs: OrderedDict[str, Any] = OrderedDict()
 
     @classmethod
@@ -81,13 +82,20 @@ class Client:
         started: dict[str, Any] | None = None
         try:
             eager: dict[str, Any] = {**body, "eager": True}
-            started = worker.first_step(name, body["input"], key)
-            if started is not None:  # recorded with the run: one write less (ADR 20)
-                eager["first_step"] = started
-            reply = await self.command("start_run", eager)
+            if self._first_steps:
+                started = worker.first_step(name, body["input"], key)
+            if started is None:
+                reply = await self.command("start_run", eager)
+            else:  # recorded with the run: one write less (ADR 20)
+                try:
+                    reply = await self.command("start_run", {**eager, "first_step": started})
+                except InvalidCommandError:
+                    started = None  # a service older than ADR 20? Eager without it:
+                    reply = await self.command("start_run", eager)
+                    self._first_steps = False  # it was, as this start took
         except InvalidCommandError:
-            # A command service older than ADR 17 (or 20) knows no eager start (or the
-            # start is invalid anyway, and is refused again as such).
+            # A command service older than ADR 17 knows no eager start (or the start is
+            # invalid anyway, and is refused again as such).
             worker.release_eager()
             return str((await self.command("start_run", body))["run_id"])
         except BaseException:

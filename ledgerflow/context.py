@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -28,7 +29,7 @@ from ledgerflow.errors import (
 )
 from ledgerflow.flow import type_hints, workflow_name
 
-log = logging.getLogger("ledgerflow.worker")
+log = logging.getLogger("ledgerflow.context")
 T = TypeVar("T")
 MAX_ERROR_MESSAGE = 10_000
 MAX_TRACEBACK = 20_000
@@ -312,10 +313,13 @@ class RunContext:
             raise _step_failed(name, state)
         if status == "retrying" and not self._retry_due(name):
             raise Suspended(f"step {name!r} waits for its retry")
-        self._check_may_start()
-        started = self._started_by_start(name, state)
-        attempt = (state["attempts"] if state else 0) + (0 if started else 1)
         limit = step_timeout(timeout, self.snapshot)
+        # The attempt the run's start recorded runs even on a stopping worker: it is
+        # recorded as running, and given back unrun it would cost an attempt.
+        started = self._started_by_start(name, state)
+        if not started:
+            self._check_may_start()
+        attempt = (state["attempts"] if state else 0) + (0 if started else 1)
         with step_attempt(self.run_id, self.workflow, name, attempt) as observed:
             if not started:
                 await self._start_step(name, attempt, retry, status)
@@ -600,10 +604,9 @@ class _Probe(RunContext):
     ) -> Any:
         try:
             check_step_name("step", name)
-        except InvalidCommandError:
-            raise self._reach() from None  # refused where it always was, by start_step
-        if self.run_id in name:  # a name made of the run's id, which is not known yet
-            raise self._reach()
+            step_timeout(timeout, self.snapshot)
+        except (InvalidCommandError, ValueError):
+            raise self._reach() from None  # refused where it always was, by the replay
         found: dict[str, Any] = {"step": name}
         if retry is not None:
             found["retry_policy"] = retry.to_json()
@@ -618,42 +621,49 @@ def first_step(
 ) -> dict[str, Any] | None:
     """The step a new run's workflow begins with (``start_run``'s ``first_step``, ADR 20),
     found by running ``call`` (the workflow function) up to its first operation, with
-    nothing recorded. ``snapshot`` is the new run's, under a provisional ``run_id``.
+    nothing recorded. ``snapshot`` is the new run's (its ``run_id`` may be provisional:
+    see ``Worker.first_step``). Needs a running event loop.
 
     None when the workflow begins with anything else (a sleep, a wait, a child...), ends
-    or fails first, awaits anything but the context first (the probe runs its code only
-    as far as it goes without the event loop), or names the step after its run's id.
-    Tasks the workflow created meanwhile are cancelled before they ever run.
+    or fails first, or awaits anything but the context first: the probe runs its code
+    only as far as it goes without the event loop, in a copy of the caller's context
+    variables. Tasks the workflow created meanwhile are cancelled before they ever run.
     """
     probe = _Probe(snapshot, _nothing_sent)
     loop = asyncio.get_running_loop()
     factory = loop.get_task_factory()
-    made: list[asyncio.Future[Any]] = []
+    made: list[asyncio.Task[Any]] = []
 
-    def making(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> Any:
-        task = (
-            factory(loop, coro, **options) if factory else asyncio.Task(coro, loop=loop, **options)
-        )
+    def making(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **options)  # never an eager factory's: not run
         made.append(task)
         return task
 
+    variables = contextvars.copy_context()  # what the workflow sets stays in the probe
     loop.set_task_factory(making)  # nothing else runs until it is put back
     try:
         coro = call(probe)
         try:
-            coro.send(None)
-        except (Exception, Interrupt):
+            awaited = variables.run(coro.send, None)
+        except (Exception, Interrupt, asyncio.CancelledError):
             pass  # it reached an operation (or ended or failed before any)
         else:
-            with contextlib.suppress(Exception, Interrupt):
-                coro.close()  # it awaited something else: the replay does it for real
-    except Exception:
-        return None  # its input does not validate: the replay fails the run as ever
+            probe.reached = True  # what its cleanup does on close is not its first step
+            if isinstance(awaited, asyncio.Future):  # left behind: none reads its end
+                awaited.add_done_callback(_read_outcome)
+            with contextlib.suppress(Exception, Interrupt, asyncio.CancelledError):
+                variables.run(coro.close)  # it awaited something else: the replay does it
     finally:
         loop.set_task_factory(factory)
         for task in made:
             task.cancel()
     return probe.found
+
+
+def _read_outcome(future: asyncio.Future[Any]) -> None:
+    """Reads a future's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _transient(error: BaseException) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from domain.errors import InvalidCommandError, InvalidStateError, StepsPendingError
+from domain.ids import run_id_for
 from domain.values import RetryPolicy, Timeouts
 from domain.workflow_run import EAGER, EAGER_EXPIRED
 from infrastructure.nats.names import traceparent
@@ -256,7 +257,12 @@ class Worker:
         """The step a new run of ``workflow`` would begin with, for the eager start to
         record with the run (``start_run``'s ``first_step``, ADR 20); None when it
         begins with anything else, or is not started eagerly anyway (a limited
-        workflow). ``input`` is the run's, encoded as the start sends it.
+        workflow). ``input`` is the run's, encoded as the start sends it. Call it on
+        the event loop: the workflow's code runs as far as it goes without it.
+
+        A keyed run's id is known before its start. Any other run's is not: the
+        workflow is probed under two provisional ids, and a step whose name depends on
+        the id (the two differ) is not begun by the start.
         """
         found = self.flow.get(workflow)
         if found is None or (found.concurrency is not None and found.concurrency.limit):
@@ -265,8 +271,15 @@ class Worker:
         defined = self._defined.get(workflow)
         if defined is None:
             defined = self._defined[workflow] = _defined(wf)
-        snapshot = _fresh_snapshot(defined, input, key)
-        return first_step(lambda ctx: self._call(wf, ctx, snapshot), snapshot)
+
+        def probe(run_id: UUID) -> dict[str, Any] | None:
+            snapshot = _fresh_snapshot(defined, str(run_id), input, key)
+            return first_step(lambda ctx: self._call(wf, ctx, snapshot), snapshot)
+
+        if key is not None:
+            return probe(run_id_for(workflow, key))
+        step = probe(uuid4())
+        return step if step is not None and probe(uuid4()) == step else None
 
     def run_eager(
         self, run: dict[str, Any], cause: int, started: str | None = None
@@ -481,13 +494,15 @@ class Worker:
         return await self._transport.command(name, body)
 
 
-def _fresh_snapshot(defined: dict[str, Any], input: Any, key: str | None) -> dict[str, Any]:
-    """A new run's snapshot as ``load_run`` would give it, under a provisional id: what
+def _fresh_snapshot(
+    defined: dict[str, Any], run_id: str, input: Any, key: str | None
+) -> dict[str, Any]:
+    """A new run's snapshot as ``load_run`` would give it before its first step: what
     the workflow's code may observe before its first operation (ADR 20). ``defined`` is
     what its workflow's definition sets (:func:`_defined`)."""
     return {
         **defined,
-        "run_id": str(uuid4()),
+        "run_id": run_id,
         "key": key,
         "input": input,
         "steps": {},

@@ -11,6 +11,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import TypeAdapter, ValidationError
 
 from domain.workflow_run import RunStatus
 from infrastructure import codec, metrics
@@ -280,10 +281,10 @@ async def post_command(
     """Forward a command to the command service over NATS and give back its reply."""
     max_bytes = ctx.settings.max_command_bytes
     payload = await read_body(request, max_bytes)
-    if name == "start_run" and _asks_eager(payload):
-        # The reply would hand the run to a worker the API does not have (ADR 17).
+    if name == "start_run" and (field := _asks_eager(payload)) is not None:
+        # The reply would hand the run to a worker the API does not have (ADR 17, 20).
         message = "an eager start is for a client with a worker in its process (the SDK)"
-        return error_response("invalid_command", message, [{"loc": ["eager"]}])
+        return error_response("invalid_command", message, [{"loc": [field]}])
     reply = await ctx.commands.send(name, payload)
     if reply.get("ok") is True:
         return JSONResponse(reply)
@@ -294,9 +295,21 @@ async def post_command(
     return JSONResponse(reply, status_code=status, headers=headers)
 
 
-def _asks_eager(payload: bytes) -> bool:
+_LAX_BOOL = TypeAdapter(bool)
+
+
+def _asks_eager(payload: bytes) -> str | None:
+    """The field by which a start asks to be eager (``eager`` as the command would read
+    it, pydantic's lax booleans included, or any ``first_step``), else None."""
     try:
         body = codec.loads(payload or b"{}")
     except ValueError:
-        return False  # the command service says what is wrong with it
-    return isinstance(body, dict) and body.get("eager") is True
+        return None  # the command service says what is wrong with it
+    if not isinstance(body, dict):
+        return None
+    if "first_step" in body:
+        return "first_step"
+    try:
+        return "eager" if _LAX_BOOL.validate_python(body.get("eager", False)) else None
+    except ValidationError:
+        return None  # the command service refuses it as such

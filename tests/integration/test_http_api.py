@@ -559,6 +559,9 @@ async def _read_your_writes(http: httpx.AsyncClient, client: Client, names: Name
     refusals: list[tuple[str, dict[str, Any], int, str]] = [
         ("start_run", {"workflow": "nobody"}, 404, "unknown_workflow"),
         ("start_run", {"workflow": "shop", "eager": True}, 400, "invalid_command"),
+        ("start_run", {"workflow": "shop", "eager": "true"}, 400, "invalid_command"),
+        ("start_run", {"workflow": "shop", "eager": 1}, 400, "invalid_command"),
+        ("start_run", {"workflow": "shop", "first_step": {"step": "s"}}, 400, "invalid_command"),
         ("cancel_run", {"run_id": str(uuid.uuid4())}, 404, "run_not_found"),
         (
             "start_step",

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import gc
+import logging
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from unittest.mock import ANY
+from uuid import UUID
 
 import pytest
 from pydantic import BaseModel, TypeAdapter
 
 from domain.errors import InvalidStateError, RunNotFoundError
+from domain.ids import run_id_for
 from ledgerflow import Flow, NonRetryableError, RetryPolicy, RunContext, StepFailedError
 from ledgerflow._ports import Transport
 from ledgerflow.context import HandedBack, Refused, Superseded, Suspended, step_timeout
@@ -836,17 +841,20 @@ def _eager_worker(commands: FakeCommands) -> Any:
 
 
 class EagerCommands(FakeCommands):
-    """start_run with ``eager`` replies with the run, unless ``refuse_eager``."""
+    """start_run with ``eager`` replies with the run, unless ``refuse_eager``; one with a
+    ``first_step`` is refused with ``refuse_first_step`` (a service older than ADR 20)."""
 
-    def __init__(self, refuse_eager: bool = False) -> None:
+    def __init__(self, refuse_eager: bool = False, refuse_first_step: bool = False) -> None:
         super().__init__()
         self.refuse_eager = refuse_eager
+        self.refuse_first_step = refuse_first_step
 
     async def __call__(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         if name != "start_run":
             return await super().__call__(name, body)
         self.sent.append((name, body))
-        if body.get("eager") and self.refuse_eager:
+        refused = self.refuse_eager or ("first_step" in body and self.refuse_first_step)
+        if body.get("eager") and refused:
             raise error_for("invalid_command", "invalid start_run request")
         reply = {"ok": True, "position": 2, "run_id": RUN_ID, "created": True}
         return {**reply, "run": snapshot(status="queued")} if body.get("eager") else reply
@@ -895,8 +903,9 @@ def test_a_service_older_than_adr_17_gets_a_plain_start_and_the_slot_is_given_ba
         return await Client(cast(Transport, _Sending(commands)), worker=worker).start("wf")
 
     assert asyncio.run(scenario()) == RUN_ID
-    assert [body.get("eager") for _, body in commands.sent] == [True, None]
-    assert commands.sent[0][1]["first_step"] == {"step": "a"}  # refused with it (ADR 20)
+    # With the first step (ADR 20), without it, then a plain start.
+    assert [body.get("eager") for _, body in commands.sent] == [True, True, None]
+    assert [body.get("first_step") for _, body in commands.sent] == [{"step": "a"}, None, None]
     assert worker.reserve_eager("wf")
 
 
@@ -1012,9 +1021,14 @@ async def sleeps_first(ctx: RunContext) -> None:
     await ctx.step("a", ran, "a")
 
 
+async def side_effect(ctx: RunContext, name: str) -> str:
+    ran(name)  # a side effect outside a step: the probe must never get here
+    return await ctx.step(name, ran, name)
+
+
 @PROBED.workflow()
 async def gathers(ctx: RunContext) -> None:
-    await asyncio.gather(ctx.step("a", ran, "a"), ctx.step("b", ran, "b"))
+    await asyncio.gather(side_effect(ctx, "a"), side_effect(ctx, "b"))
 
 
 @PROBED.workflow()
@@ -1038,9 +1052,42 @@ async def awaits_first(ctx: RunContext) -> None:
 
 @PROBED.workflow()
 async def spawns(ctx: RunContext) -> None:
-    side = asyncio.create_task(ctx.step("side", ran, "side"))
+    side = asyncio.create_task(side_effect(ctx, "side"))
     await ctx.step("a", ran, "a")
     await side
+
+
+@PROBED.workflow()
+async def audits(ctx: RunContext) -> None:
+    try:
+        await asyncio.sleep(0)  # its first operation is not the context's
+        await ctx.step("charge", ran, "charge")
+    finally:
+        await ctx.step("audit", ran, "audit")
+
+
+@PROBED.workflow()
+async def named_by_run_hex(ctx: RunContext) -> None:
+    await ctx.step(f"charge {UUID(ctx.run_id).hex[:8]}", ran, "a")
+
+
+TAG: contextvars.ContextVar[str] = contextvars.ContextVar("TAG", default="caller's")
+
+
+@PROBED.workflow()
+async def tags(ctx: RunContext) -> None:
+    TAG.set(ctx.run_id)
+    await ctx.step("a", ran, "a")
+
+
+@PROBED.workflow()
+async def times_out_at_once(ctx: RunContext) -> None:
+    await ctx.step("a", ran, "a", timeout=timedelta(0))
+
+
+@PROBED.workflow()
+async def cancels_itself(ctx: RunContext) -> None:
+    raise asyncio.CancelledError
 
 
 @PROBED.workflow()
@@ -1057,20 +1104,32 @@ async def typed(ctx: RunContext, order: Order) -> None:
     await ctx.step("a", ran, "a")
 
 
-def _probe(workflow: str, input: Any = None) -> dict[str, Any] | None:
+def _probe(workflow: str, input: Any = None, key: str | None = None) -> dict[str, Any] | None:
     from infrastructure.settings import Settings
     from ledgerflow.worker import Worker
 
     worker = Worker(PROBED, Settings(), 1, transport=cast(Transport, _Sending(FakeCommands())))
+    made: list[Any] = []
 
     async def probe() -> dict[str, Any] | None:
-        found = worker.first_step(workflow, input)
+        loop = asyncio.get_running_loop()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **options: Any) -> Any:
+            made.append(coro)  # the caller's own factory: never the probe's
+            return asyncio.Task(coro, loop=loop, **options)
+
+        loop.set_task_factory(factory)
+        found = worker.first_step(workflow, input, key)
+        assert made == []  # not used while the probe ran
+        assert loop.get_task_factory() is factory  # put back
+        assert TAG.get() == "caller's"  # what the workflow set stayed in the probe
         for _ in range(3):
             await asyncio.sleep(0)  # any task the probe left would run now
         return found
 
     RAN.clear()
     found = asyncio.run(probe())
+    gc.collect()  # a future left behind and never read would be logged now
     assert RAN == []
     return found
 
@@ -1083,6 +1142,16 @@ def test_the_probe_finds_the_step_a_workflow_begins_with_running_nothing() -> No
     assert _probe("cleans_up") == {"step": "a"}  # the first, not its finally's
     assert _probe("spawns") == {"step": "a"}  # the task it made never runs
     assert _probe("typed", {"n": 1}) == {"step": "a"}
+    assert _probe("tags") == {"step": "a"}
+    # A keyed run's id is known before its start: a name made of it is begun.
+    key_hex = run_id_for("named_by_run_hex", "k-1").hex[:8]
+    assert _probe("named_by_run_hex", key="k-1") == {"step": f"charge {key_hex}"}
+
+
+def test_the_probe_leaves_no_future_unread(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert _probe("gathers") is None
+    assert "never retrieved" not in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -1091,6 +1160,10 @@ def test_the_probe_finds_the_step_a_workflow_begins_with_running_nothing() -> No
         ("sleeps_first", None),
         ("gathers", None),  # its steps run in tasks, which the probe does not run
         ("named_by_run", None),  # the run's id is not known before its start
+        ("named_by_run_hex", None),
+        ("audits", None),  # its finally's step, on close, is not its first
+        ("times_out_at_once", None),  # refused by the replay, as ever
+        ("cancels_itself", None),
         ("awaits_first", None),
         ("ends_at_once", None),
         ("typed", {"n": "not a number"}),
@@ -1157,3 +1230,54 @@ def test_a_step_its_start_began_runs_only_as_that_first_attempt() -> None:
         ("start_step", 3),
         ("complete_step", 3),
     ]
+
+
+def test_a_service_older_than_adr_20_gets_eager_starts_without_a_first_step() -> None:
+    from ledgerflow import Client
+
+    commands = EagerCommands(refuse_first_step=True)
+    worker = _eager_worker(commands)
+
+    async def scenario() -> list[Any]:
+        client = Client(cast(Transport, _Sending(commands)), worker=worker)
+        return [await client.result(await client.start("wf"), timeout=5) for _ in range(2)]
+
+    assert asyncio.run(scenario()) == ["done", "done"]
+    starts = [body for name, body in commands.sent if name == "start_run"]
+    assert [(b.get("eager"), "first_step" in b) for b in starts] == [
+        (True, True),  # refused
+        (True, False),
+        (True, False),  # asked no more
+    ]
+    assert commands.names.count("start_step") == 2  # each run's step started as before
+
+
+def test_the_attempt_a_start_began_fails_as_that_attempt() -> None:
+    async def work(ctx: RunContext) -> None:
+        return await ctx.step("a", _boom, retry=RetryPolicy(max_attempts=1))
+
+    fake = FakeCommands(snapshot(steps={"a": step_state("failed", error={"type": "X"})}))
+    ctx = context(snapshot(steps={"a": step_state("running")}), fake, started="a")
+    with pytest.raises(StepFailedError):
+        asyncio.run(work(ctx))
+    assert fake.names == ["fail_step", "load_run"]
+    assert fake.sent[0][1]["attempt"] == 1
+
+
+def _boom() -> None:
+    raise ValueError("boom")
+
+
+def test_a_stopping_worker_runs_the_attempt_its_start_began_and_then_hands_back() -> None:
+    """Given back unrun, the recorded attempt would cost one (the next holder's is 2)."""
+
+    async def work(ctx: RunContext) -> None:
+        await ctx.step("a", lambda: "a")
+        await ctx.step("b", lambda: "b")
+
+    fake = FakeCommands()
+    run = snapshot(steps={"a": step_state("running")})
+    ctx = context(run, fake, started="a", stopping=lambda: True)
+    with pytest.raises(HandedBack):
+        asyncio.run(work(ctx))
+    assert fake.names == ["complete_step"]
