@@ -62,7 +62,13 @@ _BY_CODE: dict[str, type[DomainError]] = {
 
 
 def error_for(code: str, message: str, details: list[Any] | None = None) -> Exception:
-    """The exception a refused command raises: a DomainError subclass when there is one."""
+    """The exception a refused command raises: a DomainError subclass when there is one.
+
+    The fields a refusal's details name (pydantic's ``loc`` and ``msg``) are added to
+    its message, so that a caller learns what was wrong with its request.
+    """
+    if fields := _fields(details or []):
+        message = f"{message}: {fields}"
     kind = _BY_CODE.get(code)
     if kind is None:
         return CommandError(code, message)
@@ -82,6 +88,17 @@ def checked(reply: dict[str, Any]) -> dict[str, Any]:
             error.get("details") or [],
         )
     return reply
+
+
+def _fields(details: list[Any]) -> str:
+    """``"loc.of.field: what is wrong; ..."`` for the details that say so."""
+    said = []
+    for detail in details:
+        if isinstance(detail, dict) and isinstance(detail.get("msg"), str):
+            loc = detail.get("loc")
+            where = ".".join(map(str, loc)) if isinstance(loc, list) and loc else ""
+            said.append(f"{where}: {detail['msg']}" if where else str(detail["msg"]))
+    return "; ".join(said)
 
 
 def reason_of(details: list[Any]) -> str | None:

@@ -136,7 +136,8 @@ def test_bad_input_gets_the_command_services_structured_errors_and_changes_nothi
     async def scenario() -> None:
         async with no_command_service(settings) as (client, _):
             before = await asyncio.to_thread(head, settings)
-            with pytest.raises(InvalidCommandError, match="invalid start_run request"):
+            refused = "invalid start_run request: workflow: Input should be a valid string"
+            with pytest.raises(InvalidCommandError, match=refused):
                 await client.command("start_run", {"workflow": 5})
             with pytest.raises(InvalidCommandError, match="unknown command"):
                 await client.command("start_rnu", {"workflow": "three"})

@@ -263,6 +263,19 @@ def test_refusals_map_to_domain_errors_by_code() -> None:
     assert isinstance(other, CommandError) and other.code == "unavailable"
 
 
+def test_a_refusal_names_the_fields_its_details_name() -> None:
+    details = [
+        {"loc": ["first_step", "step"], "msg": "Field required", "type": "missing"},
+        {"loc": [], "msg": "first_step needs eager", "type": "value_error"},
+        {"reason": "superseded"},
+    ]
+    refused = error_for("invalid_command", "invalid start_run request", details)
+    assert str(refused) == (
+        "invalid start_run request: first_step.step: Field required; first_step needs eager"
+    )
+    assert str(error_for("invalid_state", "no", [{"reason": "superseded"}])) == "no"
+
+
 # ------------------------------------------------------------------------ step timeouts
 def test_the_steps_own_timeout_wins_over_the_workflows_default() -> None:
     defaults = snapshot(timeouts={"run": None, "step": 30.0, "heartbeat": None})
