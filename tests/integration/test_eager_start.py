@@ -162,9 +162,7 @@ def test_an_eager_run_whose_worker_is_gone_goes_to_the_queue_when_its_lease_runs
             run_id = await in_second_step(started, "o-2")
             # The starter's process dies in the step: nothing is given back, and from now
             # on no one answers for the run.
-            [eager] = [t for t in asyncio.all_tasks() if t.get_name() == f"eager-{run_id}"]
-            eager.cancel()
-            await asyncio.wait({eager})
+            await holder_dies(run_id)
         GATE["reserve"].set()
         await run_out(stack, settings, run_id)
         output = await stack.client.result(run_id, timeout=DEADLINE)
@@ -229,9 +227,7 @@ def test_an_eager_holder_gone_in_the_step_its_start_began_hands_it_to_the_queue(
             GATE["charge"] = asyncio.Event()
             run_id = await started.client.start("three", {"order": "o-5"})
             await waiting.until(reached("charge:eager"), "the first step", DEADLINE)
-            [eager] = [t for t in asyncio.all_tasks() if t.get_name() == f"eager-{run_id}"]
-            eager.cancel()
-            await asyncio.wait({eager})
+            await holder_dies(run_id)
         GATE["charge"].set()
         await run_out(stack, settings, run_id)
         output = await stack.client.result(run_id, timeout=DEADLINE)
@@ -242,6 +238,13 @@ def test_an_eager_holder_gone_in_the_step_its_start_began_hands_it_to_the_queue(
         assert STEPS == ["charge:eager", "charge:queue", "reserve:queue", "ship:queue"]
 
     on_a_stack(settings, scenario)
+
+
+async def holder_dies(run_id: str) -> None:
+    """The eager run's holder stops dead: nothing is given back or answered any more."""
+    [eager] = [t for t in asyncio.all_tasks() if t.get_name() == f"eager-{run_id}"]
+    eager.cancel()
+    await asyncio.wait({eager})
 
 
 def ended(stack: Stack, run_id: str) -> Any:
