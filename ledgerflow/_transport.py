@@ -101,11 +101,6 @@ class Transport:
             await self.nc.drain()
 
 
-INLINE_BATCH = 2
-"""Direct commands in a batch of at most this many are applied on the event loop: a
-thread hop per batch cost more than the commit it waits for (docs/performance.md)."""
-
-
 class DirectTransport(Transport):
     """Commands applied in this process to the event store (ADR 19), NATS for the rest.
 
@@ -189,7 +184,7 @@ class _SharedService:
                 app = await asyncio.to_thread(bootstrap, settings)
             shared = cls._open.get(key)  # another user opened it meanwhile
             if shared is None:
-                service = CommandService.configured(app, settings, inline_batch=INLINE_BATCH)
+                service = CommandService.configured(app, settings)
                 await service.start(None)
                 shared = cls._open[key] = cls(key, service, owned)
             elif owned:

@@ -99,6 +99,13 @@ class _Pending:
     trace: CommandTrace | None = None
 
 
+INLINE_BATCH = 2
+"""A batch of at most this many commands is applied on the event loop, not in a thread:
+the thread hop cost more than the commit it waits for (docs/performance.md, rows 22 and
+24). Small batches are what a quiet service makes; under load they grow and go to the
+thread. After a store failure every batch goes to the thread until one succeeds there."""
+
+
 class CommandService:
     """Answers command requests; applies whatever has queued up as one batch (group commit).
 
@@ -118,7 +125,7 @@ class CommandService:
         inline_batch: int = 0,
     ) -> None:
         """``inline_batch``: a batch of at most this many commands is applied on the event
-        loop, not in a thread (direct commands, ADR 19)."""
+        loop, not in a thread (:data:`INLINE_BATCH`)."""
         self.app = app
         self.names = names
         self.max_bytes = max_bytes
@@ -136,9 +143,10 @@ class CommandService:
 
     @classmethod
     def configured(
-        cls, app: WorkflowRuns, settings: Settings, *, inline_batch: int = 0
+        cls, app: WorkflowRuns, settings: Settings, *, inline_batch: int = INLINE_BATCH
     ) -> CommandService:
-        """A service with ``settings``' subjects, size limit and batch size."""
+        """A service with ``settings``' subjects, size limit and batch size, that applies
+        small batches on the event loop (:data:`INLINE_BATCH`)."""
         return cls(
             app,
             Names(settings.subject_prefix),
