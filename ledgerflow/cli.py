@@ -18,6 +18,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from ledgerflow import __version__
+from ledgerflow._details import detail_line
 
 if TYPE_CHECKING:
     from infrastructure.settings import Settings
@@ -237,14 +238,7 @@ def _fail(
 
 def _detail_lines(details: Sequence[Any]) -> list[str]:
     """A refusal's details for people: ``loc: msg`` for validation errors, else the JSON."""
-    lines = []
-    for detail in details:
-        if isinstance(detail, dict) and "msg" in detail:
-            where = ".".join(str(part) for part in detail.get("loc") or [])
-            lines.append(f"{where}: {detail['msg']}" if where else str(detail["msg"]))
-        else:
-            lines.append(json.dumps(detail))
-    return lines
+    return [detail_line(detail) or json.dumps(detail) for detail in details]
 
 
 @app.command()

@@ -12,6 +12,7 @@ from domain.errors import (
     RunNotFoundError,
     UnknownWorkflowError,
 )
+from ledgerflow._details import detail_line
 
 
 class NonRetryableError(Exception):
@@ -92,13 +93,7 @@ def checked(reply: dict[str, Any]) -> dict[str, Any]:
 
 def _fields(details: list[Any]) -> str:
     """``"loc.of.field: what is wrong; ..."`` for the details that say so."""
-    said = []
-    for detail in details:
-        if isinstance(detail, dict) and isinstance(detail.get("msg"), str):
-            loc = detail.get("loc")
-            where = ".".join(map(str, loc)) if isinstance(loc, list) and loc else ""
-            said.append(f"{where}: {detail['msg']}" if where else str(detail["msg"]))
-    return "; ".join(said)
+    return "; ".join(line for detail in details if (line := detail_line(detail)))
 
 
 def reason_of(details: list[Any]) -> str | None:

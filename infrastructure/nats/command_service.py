@@ -122,7 +122,7 @@ class CommandService:
         *,
         max_bytes: int = 1024 * 1024,
         max_batch: int = 200,
-        inline_batch: int = 0,
+        inline_batch: int = INLINE_BATCH,
     ) -> None:
         """``inline_batch``: a batch of at most this many commands is applied on the event
         loop, not in a thread (:data:`INLINE_BATCH`)."""
@@ -145,8 +145,7 @@ class CommandService:
     def configured(
         cls, app: WorkflowRuns, settings: Settings, *, inline_batch: int = INLINE_BATCH
     ) -> CommandService:
-        """A service with ``settings``' subjects, size limit and batch size, that applies
-        small batches on the event loop (:data:`INLINE_BATCH`)."""
+        """A service with ``settings``' subjects, size limit and batch size."""
         return cls(
             app,
             Names(settings.subject_prefix),

@@ -18,7 +18,7 @@ from infrastructure.embedded.dev import embedded
 from infrastructure.embedded.transport import EngineTransport
 from infrastructure.http import app as http_app
 from infrastructure.nats import relay
-from infrastructure.nats.command_service import INLINE_BATCH, CommandService
+from infrastructure.nats.command_service import CommandService
 from infrastructure.nats.names import Names
 from infrastructure.settings import Settings
 from ledgerflow import Client, Flow, Worker, _transport
@@ -107,7 +107,7 @@ async def stack(
     stop = asyncio.Event()
     store = await asyncio.to_thread(bootstrap, settings, clock=clock)
     nc = await nats.connect(settings.nats_url)
-    service = CommandService(store, Names(settings.subject_prefix), inline_batch=INLINE_BATCH)
+    service = CommandService(store, Names(settings.subject_prefix))
     await service.start(nc)
     roles = [asyncio.create_task(relay.run(settings, stop), name="relay")]
     if scheduler:

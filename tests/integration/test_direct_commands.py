@@ -158,7 +158,7 @@ def test_direct_commands_need_postgresql() -> None:
 
 @asynccontextmanager
 async def watched_service(
-    settings: Settings, watch: Callable[[Sequence[Any]], None], inline_batch: int = 0
+    settings: Settings, watch: Callable[[Sequence[Any]], None]
 ) -> AsyncIterator[CommandService]:
     """A direct command service whose store calls ``watch`` with each batch first (in
     the thread that applies it); ``watch`` may raise as the store would."""
@@ -170,7 +170,7 @@ async def watched_service(
         return execute(commands)
 
     app.execute = watched  # type: ignore[method-assign]
-    service = CommandService.configured(app, settings, inline_batch=inline_batch)
+    service = CommandService.configured(app, settings)  # small batches inline, as ever
     await service.start(None)
     try:
         yield service
@@ -222,7 +222,7 @@ def test_a_small_batch_is_applied_on_the_event_loop_and_a_larger_one_in_a_thread
         def where(commands: Sequence[Any]) -> None:
             seen.append((len(commands), on_loop()))
 
-        async with watched_service(settings, where, inline_batch=2) as service:
+        async with watched_service(settings, where) as service:
             await send(service, "register_workflow", {"name": "three"})
             starts = [
                 send(service, "start_run", {"workflow": "three", "key": str(n)}) for n in range(3)
@@ -268,7 +268,7 @@ def test_after_a_store_failure_batches_go_to_a_thread_until_one_succeeds_there(
             if len(seen) == 1:
                 raise OperationalError("the store went away")
 
-        async with watched_service(settings, flaky, inline_batch=2) as service:
+        async with watched_service(settings, flaky) as service:
             refused = await send(service, "register_workflow", {"name": "three"})
             assert refused["error"]["code"] == "unavailable"
             for _ in range(2):

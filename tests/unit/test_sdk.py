@@ -853,6 +853,20 @@ def _eager_worker(commands: FakeCommands) -> Any:
     return worker
 
 
+def eager_results(commands: FakeCommands, runs: int = 1) -> list[Any]:
+    """The outputs of ``runs`` runs of ``wf`` started one after another by a client
+    whose worker takes them eagerly, over ``commands``."""
+    from ledgerflow import Client
+
+    worker = _eager_worker(commands)
+
+    async def scenario() -> list[Any]:
+        client = Client(cast(Transport, _Sending(commands)), worker=worker)
+        return [await client.result(await client.start("wf"), timeout=5) for _ in range(runs)]
+
+    return asyncio.run(scenario())
+
+
 class EagerCommands(FakeCommands):
     """start_run with ``eager`` replies with the run, unless ``refuse_eager``; one with a
     ``first_step`` is refused with ``refuse_first_step`` (a service older than ADR 20)."""
@@ -953,7 +967,6 @@ def test_a_queued_eager_hand_off_is_its_starters_and_is_dropped() -> None:
 
 def test_an_eager_end_that_did_not_complete_the_run_leaves_the_output_to_the_store() -> None:
     """Another holder completed the run first (it was handed off): its output stands."""
-    from ledgerflow import Client
 
     class Late(EagerCommands):
         async def __call__(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -965,14 +978,7 @@ def test_an_eager_end_that_did_not_complete_the_run_leaves_the_output_to_the_sto
                 return {"ok": True, "run": snapshot(status="completed", output="theirs")}
             return await super().__call__(name, body)
 
-    commands = Late()
-    worker = _eager_worker(commands)
-
-    async def scenario() -> Any:
-        client = Client(cast(Transport, _Sending(commands)), worker=worker)
-        return await client.result(await client.start("wf"), timeout=5)
-
-    assert asyncio.run(scenario()) == "theirs"
+    assert eager_results(Late()) == ["theirs"]
 
 
 def test_tasks_fetched_beyond_the_slots_eager_runs_took_meanwhile_go_back_at_once() -> None:
@@ -1201,16 +1207,9 @@ class FirstStepCommands(EagerCommands):
 
 
 def test_an_eager_run_runs_the_step_its_start_began_without_starting_it_again() -> None:
-    from ledgerflow import Client
 
     commands = FirstStepCommands()
-    worker = _eager_worker(commands)
-
-    async def scenario() -> Any:
-        client = Client(cast(Transport, _Sending(commands)), worker=worker)
-        return await client.result(await client.start("wf"), timeout=5)
-
-    assert asyncio.run(scenario()) == "done"
+    assert eager_results(commands) == ["done"]
     assert commands.names == ["start_run", "complete_step", "complete_run"]
     assert commands.sent[0][1]["first_step"] == {"step": "a"}
     assert commands.sent[1][1]["attempt"] == 1
@@ -1246,16 +1245,9 @@ def test_a_step_its_start_began_runs_only_as_that_first_attempt() -> None:
 
 
 def test_a_service_older_than_adr_20_gets_eager_starts_without_a_first_step() -> None:
-    from ledgerflow import Client
 
     commands = EagerCommands(refuse_first_step=True)
-    worker = _eager_worker(commands)
-
-    async def scenario() -> list[Any]:
-        client = Client(cast(Transport, _Sending(commands)), worker=worker)
-        return [await client.result(await client.start("wf"), timeout=5) for _ in range(2)]
-
-    assert asyncio.run(scenario()) == ["done", "done"]
+    assert eager_results(commands, runs=2) == ["done", "done"]
     starts = [body for name, body in commands.sent if name == "start_run"]
     assert [(b.get("eager"), "first_step" in b) for b in starts] == [
         (True, True),  # refused
